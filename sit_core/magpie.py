@@ -1,0 +1,212 @@
+"""Stage 1: Magpie generation.
+
+An instruct model is shown only the part of its chat template that comes before a user
+message (the pre-query template). What it writes next is a user instruction, ending at its
+end-of-turn token. The instruction is then answered through the normal chat template.
+
+Every attempt is logged to `attempts.jsonl` (fsync every `checkpoint_interval` samples),
+accepted or not, so a resumed run knows exactly where it stopped. Randomness is per index,
+and batches are always the same index ranges, so a killed and resumed run writes the same
+records as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import SitConfig
+from .errors import NotEnoughDataError
+from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from .manifest import StageRun
+from .models import load_causal_lm, release
+from .sampling import Sampling, generate, item_seed
+from .stages import Progress, done_manifest, open_stage
+
+STAGE = "generate"
+ATTEMPTS = "attempts.jsonl"
+OUTPUT = "generated.jsonl"
+_SENTINEL = "\u0000SIT_QUERY\u0000"
+
+
+def input_paths(cfg: SitConfig, run_dir: Path) -> list[Path]:
+    return []
+
+
+def fingerprint(cfg: SitConfig) -> dict:
+    return {"generation": cfg.fingerprint("generation"), "generator": cfg.models.generator,
+            "generator_4bit": cfg.models.generator_4bit, "seed": cfg.seed}
+
+
+def output_path(run_dir: Path) -> Path:
+    return Path(run_dir) / STAGE / OUTPUT
+
+
+def pre_query_template(tokenizer, system_prompt: str | None) -> tuple[str, str]:
+    """(text before the user's message, text right after it) from the model's own template."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": _SENTINEL})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if _SENTINEL not in rendered:
+        raise ValueError("the chat template dropped the user message; it cannot be used for Magpie")
+    before, after = rendered.split(_SENTINEL, 1)
+    return before, after
+
+
+def stop_token_ids(model, tokenizer, after_user: str) -> set[int]:
+    """End-of-turn (the first token after a user message in the template) plus every eos id."""
+    ids: set[int] = set()
+    follow = tokenizer(after_user, add_special_tokens=False)["input_ids"]
+    if follow:
+        ids.add(follow[0])
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def _load_log(log_path: Path, batch_size: int) -> list[dict]:
+    """Attempts so far, cut back to the last whole batch so batches keep their index ranges."""
+    attempts = read_jsonl(log_path, repair=True)
+    for expected, rec in enumerate(attempts):
+        if rec.get("index") != expected:
+            raise ValueError(f"{log_path} is out of order at line {expected + 1}: the log is corrupt")
+    whole = len(attempts) - len(attempts) % batch_size
+    if whole != len(attempts):
+        attempts = attempts[:whole]
+        atomic_write_text(log_path, "".join(_line(r) for r in attempts))
+    return attempts
+
+
+def _line(record: dict) -> str:
+    import json
+
+    return json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
+    if (manifest := done_manifest(cfg, run_dir, STAGE)) is not None:
+        return manifest
+    stage = open_stage(cfg, run_dir, STAGE)
+    gen = cfg.generation
+    batch = gen.batch_size
+    log_path = stage.dir / ATTEMPTS
+    attempts = _load_log(log_path, batch)
+    accepted = [r for r in attempts if r["status"] == "ok"]
+    seen = {_normalize(r["instruction"]) for r in accepted}
+    max_attempts = int(gen.num_samples * gen.max_attempts_factor)
+    total_tokens, started = 0, time.perf_counter()
+
+    if len(accepted) < gen.num_samples and len(attempts) < max_attempts:
+        lm = load_causal_lm(cfg.models.generator, load_in_4bit=cfg.models.generator_4bit,
+                            trust_remote_code=cfg.models.trust_remote_code)
+        tok = lm.tokenizer
+        before, after = pre_query_template(tok, gen.system_prompt)
+        query_prefix = tok(before, add_special_tokens=False)["input_ids"]
+        stops = stop_token_ids(lm.model, tok, after)
+        instr_sampling = Sampling(gen.instruction_temperature, gen.instruction_top_p, gen.instruction_max_tokens)
+        resp_sampling = Sampling(gen.response_temperature, gen.response_top_p, gen.response_max_tokens)
+        bar = tqdm(total=gen.num_samples, initial=len(accepted), desc="magpie", unit="sample")
+        pending: list[dict] = []
+        next_index = len(attempts)
+        while len(accepted) < gen.num_samples and next_index < max_attempts:
+            indices = list(range(next_index, next_index + batch))
+            next_index += batch
+            records, n_tokens = _generate_batch(cfg, lm, query_prefix, stops, instr_sampling, resp_sampling, indices)
+            total_tokens += n_tokens
+            for rec in records:
+                if rec["status"] == "ok":
+                    key = _normalize(rec["instruction"])
+                    if key in seen:
+                        rec = {"index": rec["index"], "status": "duplicate", "instruction": rec["instruction"]}
+                    else:
+                        seen.add(key)
+                        accepted.append(rec)
+                        bar.update(1)
+                pending.append(rec)
+            if len(pending) >= cfg.checkpoint_interval or len(accepted) >= gen.num_samples:
+                append_jsonl(log_path, pending)
+                attempts.extend(pending)
+                pending = []
+                stage.progress(min(len(accepted), gen.num_samples), gen.num_samples)
+                if progress:
+                    progress(min(len(accepted), gen.num_samples), gen.num_samples)
+        if pending:
+            append_jsonl(log_path, pending)
+            attempts.extend(pending)
+        bar.close()
+        release(lm.model)
+        elapsed = time.perf_counter() - started
+        stage.event("generated", tokens=total_tokens, seconds=round(elapsed, 2),
+                    tokens_per_sec=round(total_tokens / elapsed, 2) if elapsed else None)
+
+    return _finish(cfg, stage, attempts, accepted)
+
+
+def _generate_batch(cfg, lm, query_prefix, stops, instr_sampling, resp_sampling, indices) -> tuple[list[dict], int]:
+    tok = lm.tokenizer
+    seeds = [item_seed(cfg.seed, STAGE, i, "instruction") for i in indices]
+    instr_ids = generate(lm.model, [query_prefix] * len(indices), seeds, instr_sampling, stops, tok.pad_token_id)
+    n_tokens = sum(len(ids) for ids in instr_ids)
+    records: list[dict] = []
+    to_answer = []
+    for index, ids in zip(indices, instr_ids):
+        text = tok.decode(ids, skip_special_tokens=True).strip()
+        if not text:
+            records.append({"index": index, "status": "empty"})
+        elif len(ids) >= instr_sampling.max_new_tokens:
+            records.append({"index": index, "status": "unfinished", "instruction": text})
+        else:
+            records.append({"index": index, "status": "ok", "instruction": text})
+            to_answer.append(records[-1])
+    if to_answer:
+        prompts = [_chat_prompt(tok, cfg.generation.system_prompt, r["instruction"]) for r in to_answer]
+        seeds = [item_seed(cfg.seed, STAGE, r["index"], "response") for r in to_answer]
+        resp_ids = generate(lm.model, prompts, seeds, resp_sampling, stops, tok.pad_token_id)
+        for rec, ids in zip(to_answer, resp_ids):
+            n_tokens += len(ids)
+            rec["response"] = tok.decode(ids, skip_special_tokens=True).strip()
+            rec["response_truncated"] = len(ids) >= resp_sampling.max_new_tokens
+            if not rec["response"]:
+                rec["status"] = "empty_response"
+    return records, n_tokens
+
+
+def _chat_prompt(tokenizer, system_prompt: str | None, instruction: str) -> list[int]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": instruction})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _finish(cfg: SitConfig, stage: StageRun, attempts: list[dict], accepted: list[dict]) -> dict:
+    gen = cfg.generation
+    by_status: dict[str, int] = {}
+    for rec in attempts:
+        by_status[rec["status"]] = by_status.get(rec["status"], 0) + 1
+    if len(accepted) < gen.num_samples:
+        raise NotEnoughDataError(
+            f"Magpie produced {len(accepted)} usable samples of {gen.num_samples} after {len(attempts)} attempts "
+            f"(rejected: {', '.join(f'{k}={v}' for k, v in sorted(by_status.items()) if k != 'ok') or 'none'})",
+            "raise generation.max_attempts_factor or generation.instruction_max_tokens, or lower "
+            "generation.num_samples; the attempts so far are kept in the run directory",
+        )
+    records = [{"id": r["index"], "instruction": r["instruction"], "response": r["response"],
+                "response_truncated": r["response_truncated"], "model": cfg.models.generator}
+               for r in accepted[: gen.num_samples]]
+    out = output_path(stage.run_dir)
+    atomic_write_text(out, "".join(_line(r) for r in records))
+    stats = {"attempts": len(attempts), "accepted": len(records), "by_status": by_status}
+    stats_path = stage.dir / "stats.json"
+    atomic_write_json(stats_path, stats)
+    stage.progress(len(records), gen.num_samples)
+    return stage.finish([out, stats_path], stats)

@@ -1,0 +1,264 @@
+"""Stage 2: the quality filter (seed 003's five rules) and deterministic selection.
+
+Rules, each evaluated on every record so the statistics show overlaps:
+  length      response word count within [min, max]
+  repetition  no word or line repeated more than max_repeat times in a row
+  refusal     none of the refusal phrases (case- and apostrophe-insensitive)
+  language    instruction and response detected as the configured language (lingua)
+  near_dup    instruction word-set Jaccard >= threshold with an earlier record (MinHash LSH
+              finds candidates, exact Jaccard confirms, so there are no false positives);
+              optionally also cosine >= semantic_threshold on all-MiniLM embeddings
+
+A record is kept when it passes the first four rules and is not a near-duplicate of an
+earlier *kept* record, so a bad record never knocks out a good one. The target count is
+drawn from the survivors by a seeded hash, then returned in generation order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from .config import FilterConfig, SitConfig
+from .errors import NotEnoughDataError
+from .fileio import atomic_write_json, atomic_write_text, read_jsonl
+from .magpie import output_path as generated_path
+from .stages import Progress, done_manifest, open_stage
+
+STAGE = "filter"
+OUTPUT = "kept.jsonl"
+RULES = ("length", "repetition", "refusal", "language", "near_dup")
+_WORD = re.compile(r"\w+(?:['’]\w+)?", re.UNICODE)
+
+
+def input_paths(cfg: SitConfig, run_dir: Path) -> list[Path]:
+    return [generated_path(run_dir)]
+
+
+def fingerprint(cfg: SitConfig) -> dict:
+    return {"filter": cfg.fingerprint("filter"), "seed": cfg.seed}
+
+
+def output_path(run_dir: Path) -> Path:
+    return Path(run_dir) / STAGE / OUTPUT
+
+
+# --- the rules ---------------------------------------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def fails_length(record: dict, cfg: FilterConfig) -> bool:
+    n = len(record["response"].split())
+    return not (cfg.length.min <= n <= cfg.length.max)
+
+
+def longest_run(items: list[str]) -> int:
+    return max((len(list(g)) for _, g in itertools.groupby(items)), default=0)
+
+
+def fails_repetition(record: dict, cfg: FilterConfig) -> bool:
+    text = record["response"]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return max(longest_run(words(text)), longest_run(lines)) > cfg.repetition.max_repeat
+
+
+def _fold(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("’", "'").replace("‘", "'")).lower()
+
+
+def fails_refusal(record: dict, cfg: FilterConfig) -> bool:
+    response = _fold(record["response"])
+    return any(_fold(phrase) in response for phrase in cfg.refusal_keywords)
+
+
+@lru_cache(maxsize=4)
+def _language_detector(code: str):
+    from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+
+    try:
+        wanted = Language.from_iso_code_639_1(getattr(IsoCode639_1, code.upper()))
+    except AttributeError:
+        from .errors import ConfigError
+
+        raise ConfigError(f"filter.language '{code}' is not an ISO 639-1 language code", "use a code such as 'en'") from None
+    # Detecting among all 75 languages costs ~1 GB and adds little: a fixed set of widely
+    # used languages is enough to tell "is this English?"
+    common = {Language.ENGLISH, Language.GERMAN, Language.FRENCH, Language.SPANISH, Language.PORTUGUESE,
+              Language.ITALIAN, Language.DUTCH, Language.RUSSIAN, Language.CHINESE, Language.JAPANESE,
+              Language.KOREAN, Language.ARABIC, Language.HINDI, Language.TURKISH, Language.POLISH,
+              Language.VIETNAMESE, Language.INDONESIAN, Language.SWEDISH, Language.UKRAINIAN, wanted}
+    return wanted, LanguageDetectorBuilder.from_languages(*common).with_preloaded_language_models().build()
+
+
+def fails_language(record: dict, cfg: FilterConfig) -> bool:
+    wanted, detector = _language_detector(cfg.language)
+    # Code blocks read as no language in particular; judge the prose.
+    prose = re.sub(r"```.*?```", " ", f"{record['instruction']}\n{record['response']}", flags=re.S)
+    if len(words(prose)) < 3:
+        return False
+    return detector.detect_language_of(prose) != wanted
+
+
+def shingles(text: str, size: int) -> set[str]:
+    toks = words(text)
+    if size <= 1 or len(toks) < size:
+        return set(toks)
+    return {" ".join(toks[i : i + size]) for i in range(len(toks) - size + 1)}
+
+
+def jaccard(a: set, b: set) -> float:
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+def near_duplicates(texts: list[str], threshold: float, num_perm: int = 128, shingle_size: int = 1,
+                    eligible: list[bool] | None = None) -> list[int | None]:
+    """For each text, the index of an earlier eligible text it near-duplicates, else None.
+
+    MinHash LSH proposes candidates in O(n); each is confirmed with exact Jaccard.
+    Only eligible texts are inserted as possible originals.
+    """
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    sets = [shingles(t, shingle_size) for t in texts]
+    out: list[int | None] = []
+    for i, s in enumerate(sets):
+        m = MinHash(num_perm=num_perm, seed=1)
+        m.update_batch([w.encode() for w in s] or [b""])
+        match = None
+        for key in sorted(lsh.query(m), key=int):
+            if jaccard(s, sets[int(key)]) >= threshold:
+                match = int(key)
+                break
+        out.append(match)
+        if eligible is None or eligible[i]:
+            lsh.insert(str(i), m)
+    return out
+
+
+def exact_near_duplicates(texts: list[str], threshold: float, shingle_size: int = 1) -> list[int | None]:
+    """The O(n^2) reference the LSH version is checked (and benchmarked) against."""
+    sets = [shingles(t, shingle_size) for t in texts]
+    return [next((j for j in range(i) if jaccard(sets[i], sets[j]) >= threshold), None) for i in range(len(sets))]
+
+
+def semantic_duplicates(texts: list[str], threshold: float, model_ref: str,
+                        eligible: list[bool] | None = None) -> list[int | None]:
+    from sentence_transformers import SentenceTransformer
+
+    from .models import resolve_model_path
+
+    model = SentenceTransformer(resolve_model_path(model_ref), device="cpu")
+    emb = model.encode(texts, normalize_embeddings=True, convert_to_tensor=True, batch_size=64)
+    sims = emb @ emb.T
+    out: list[int | None] = []
+    for i in range(len(texts)):
+        earlier = [j for j in range(i) if (eligible is None or eligible[j]) and float(sims[i, j]) >= threshold]
+        out.append(earlier[0] if earlier else None)
+    return out
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+
+def evaluate_rules(records: list[dict], cfg: FilterConfig) -> list[dict[str, bool]]:
+    """Which rules each record fails. near_dup here is against any earlier record."""
+    flags = [{"length": fails_length(r, cfg), "repetition": fails_repetition(r, cfg),
+              "refusal": fails_refusal(r, cfg), "language": fails_language(r, cfg)} for r in records]
+    instructions = [r["instruction"] for r in records]
+    dup_any = near_duplicates(instructions, cfg.diversity.jaccard_threshold, cfg.diversity.num_perm,
+                              cfg.diversity.shingle_size)
+    for f, d in zip(flags, dup_any):
+        f["near_dup"] = d is not None
+    return flags
+
+
+def select_kept(records: list[dict], flags: list[dict[str, bool]], cfg: FilterConfig) -> tuple[list[int], dict]:
+    clean = [not any(f[r] for r in RULES if r != "near_dup") for f in flags]
+    instructions = [r["instruction"] for r in records]
+    dup_of_kept = near_duplicates(instructions, cfg.diversity.jaccard_threshold, cfg.diversity.num_perm,
+                                  cfg.diversity.shingle_size, eligible=clean)
+    semantic = [None] * len(records)
+    if cfg.diversity.semantic:
+        eligible = [c and d is None for c, d in zip(clean, dup_of_kept)]
+        semantic = semantic_duplicates(instructions, cfg.diversity.semantic_threshold,
+                                       cfg.diversity.semantic_model, eligible)
+    survivors = [i for i in range(len(records)) if clean[i] and dup_of_kept[i] is None and semantic[i] is None]
+    return survivors, {"near_dup_of_kept": sum(1 for c, d in zip(clean, dup_of_kept) if c and d is not None),
+                       "semantic_dup": sum(1 for c, d, s in zip(clean, dup_of_kept, semantic)
+                                           if c and d is None and s is not None)}
+
+
+def rule_statistics(flags: list[dict[str, bool]]) -> dict:
+    flagged = {r: sum(f[r] for f in flags) for r in RULES}
+    first = {r: 0 for r in RULES}
+    for f in flags:
+        for r in RULES:
+            if f[r]:
+                first[r] += 1
+                break
+    overlaps = {f"{a}+{b}": sum(1 for f in flags if f[a] and f[b]) for a, b in itertools.combinations(RULES, 2)}
+    return {"flagged": flagged, "removed_first": first, "overlaps": {k: v for k, v in overlaps.items() if v}}
+
+
+def _rank(seed: int, record_id: int) -> str:
+    return hashlib.sha256(f"{seed}:filter:{record_id}".encode()).hexdigest()
+
+
+def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
+    if (manifest := done_manifest(cfg, run_dir, STAGE)) is not None:
+        return manifest
+    stage = open_stage(cfg, run_dir, STAGE)
+    fc = cfg.filter
+    records = read_jsonl(generated_path(run_dir))
+    flags = evaluate_rules(records, fc)
+    survivors, dedup = select_kept(records, flags, fc)
+    stats = {"input": len(records), "survivors": len(survivors), **rule_statistics(flags), **dedup}
+    needed = fc.min_count or fc.target_count
+    if len(survivors) < needed:
+        worst = max(stats["flagged"], key=stats["flagged"].get)
+        atomic_write_json(stage.dir / "stats.json", stats)
+        stage.event("too_few_survivors", survivors=len(survivors), needed=needed)
+        raise NotEnoughDataError(
+            f"only {len(survivors)} of {len(records)} records pass the quality filter; {needed} are needed. "
+            f"The rule that removed most is '{worst}' ({stats['flagged'][worst]} records); per rule: "
+            + ", ".join(f"{k}={v}" for k, v in stats["flagged"].items()),
+            f"generate more samples (generation.num_samples), relax filter.{_rule_key(worst)}, or lower "
+            "filter.min_count; statistics are in filter/stats.json",
+        )
+    chosen = sorted(sorted(survivors, key=lambda i: _rank(cfg.seed, records[i]["id"]))[: fc.target_count])
+    kept = [records[i] for i in chosen]
+    stats["kept"] = len(kept)
+    out = output_path(run_dir)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in kept))
+    removed_path = stage.dir / "removed.jsonl"
+    surviving = set(survivors)
+    removed = [{"id": records[i]["id"], "rules": [r for r in RULES if flags[i][r]]}
+               for i in range(len(records)) if i not in surviving]
+    atomic_write_text(removed_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in removed))
+    stats_path = stage.dir / "stats.json"
+    atomic_write_json(stats_path, stats)
+    stage.progress(len(kept), fc.target_count)
+    if progress:
+        progress(len(kept), fc.target_count)
+    return stage.finish([out, removed_path, stats_path], stats)
+
+
+def _rule_key(rule: str) -> str:
+    return {"length": "length", "repetition": "repetition.max_repeat", "refusal": "refusal_keywords",
+            "language": "language", "near_dup": "diversity.jaccard_threshold"}[rule]
+
+
+def filter_table(stats: dict) -> list[dict]:
+    """Rows for the UI: one per rule."""
+    return [{"rule": r, "flagged": stats["flagged"][r], "removed (first failing rule)": stats["removed_first"][r]}
+            for r in RULES] + [{"rule": "kept", "flagged": stats.get("kept", 0), "removed (first failing rule)": ""}]
