@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .profiles import PROFILE_NAMES, detect_profile, profile_overrides
+from .secrets import hf_token  # noqa: F401 - lives in secrets.py; re-exported for existing callers
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
@@ -457,27 +458,6 @@ def all_model_refs(cfg: SitConfig) -> dict[str, str]:
 
 def looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or os.path.isabs(ref) or "\\" in ref
-
-
-def hf_token() -> str | None:
-    """HF_TOKEN from the environment, the huggingface_hub login, or Colab's secrets."""
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        if os.environ.get(var):
-            return os.environ[var]
-    try:
-        from huggingface_hub import get_token
-
-        token = get_token()
-        if token:
-            return token
-    except Exception:  # noqa: BLE001 - an unreadable token file just means "no token"
-        pass
-    try:  # only present inside Colab
-        from google.colab import userdata  # type: ignore
-
-        return userdata.get("HF_TOKEN")
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def check_models(cfg: SitConfig, stages: list[str] | None = None) -> None:
