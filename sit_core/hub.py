@@ -216,6 +216,7 @@ class HubMirror:
         *,
         endpoint: str | None = None,
         retry: RetryPolicy = RetryPolicy(),
+        resume_command: str | None = None,
     ):
         if not REPO_ID_RE.match(repo_id or ""):
             raise SitError(f"'{repo_id}' is not a hub repo id", "use the form user/name, e.g. --hub-repo alice/sit-run")
@@ -226,7 +227,8 @@ class HubMirror:
         self.retry = retry
         self.token = token or hf_token()
         self.api = HfApi(endpoint=endpoint, token=self.token)
-        self._repo_ready = False
+        self.resume_command = resume_command or f"sit run --run-dir {self.run_dir} --hub-repo {repo_id}"
+        self.url: str | None = None  # the repo's web address, once ensure_repo has run
 
     # -- the two operations ---------------------------------------------------------------
 
@@ -254,18 +256,24 @@ class HubMirror:
                         len(result.refused), ", ".join(result.refused))
         if not changed:
             return result
-
-        def commit():
-            # Operations are built per attempt: huggingface_hub mutates them during a commit.
-            ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local[rel])) for rel in changed]
-            return self.api.create_commit(self.repo_id, ops, repo_type=self.repo_type,
-                                          commit_message=message or f"sit: sync {len(changed)} file(s)")
-
-        info = self._call(f"upload {len(changed)} file(s) to", commit)
+        info = self.upload({rel: local[rel] for rel in changed}, message or f"sit: sync {len(changed)} file(s)")
         result.uploaded = changed
         result.commit_url = info.commit_url
         log.info("hub %s: uploaded %d file(s), %d unchanged", self.repo_id, len(changed), len(result.unchanged))
         return result
+
+    def upload(self, files: dict[str, Path | bytes], message: str):
+        """Commit these files (path in repo -> local file or content) in one commit, with retries.
+        Creates the repo first if needed. Returns huggingface_hub's CommitInfo."""
+        self.ensure_repo()
+
+        def commit():
+            # Operations are built per attempt: huggingface_hub mutates them during a commit.
+            ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=src if isinstance(src, bytes) else str(src))
+                   for rel, src in files.items()]
+            return self.api.create_commit(self.repo_id, ops, repo_type=self.repo_type, commit_message=message)
+
+        return self._call(f"upload {len(files)} file(s) to", commit)
 
     def pull(self) -> PullResult:
         """Restore into the run directory what the hub has and the run directory lacks."""
@@ -309,12 +317,12 @@ class HubMirror:
         log.info("hub %s: downloaded %d file(s), %d already present", self.repo_id, len(wanted), len(result.unchanged))
         return result
 
-    def ensure_repo(self) -> None:
-        """Create the (private) repo if it does not exist yet; once per mirror."""
-        if not self._repo_ready:
-            self._call("create", lambda: self.api.create_repo(self.repo_id, repo_type=self.repo_type,
-                                                              private=self.private, exist_ok=True))
-            self._repo_ready = True
+    def ensure_repo(self) -> str:
+        """Create the repo (private by default) if it does not exist yet; once per mirror. Returns its URL."""
+        if self.url is None:
+            self.url = str(self._call("create", lambda: self.api.create_repo(
+                self.repo_id, repo_type=self.repo_type, private=self.private, exist_ok=True)))
+        return self.url
 
     # -- local side -----------------------------------------------------------------------
 
@@ -420,8 +428,8 @@ class HubMirror:
         return SitError(f"the Hub refused to let us {what} {where}: {_short(exc)}", self._resume_hint())
 
     def _resume_hint(self) -> str:
-        return (f"the local run directory {self.run_dir} is intact; when the Hub is reachable again, resume with "
-                f"`sit run --run-dir {self.run_dir} --hub-repo {self.repo_id}`")
+        return (f"the local run directory {self.run_dir} is intact; when the Hub is reachable again, "
+                f"resume with `{self.resume_command}`")
 
 
 def _short(exc: BaseException | None) -> str:
