@@ -440,3 +440,93 @@ def test_sync_throttle_survives_an_outage(hub, run_dir, caplog):
     assert "skipped for now" in caplog.text
     throttle(2, 3)  # the hub is back
     assert "generate/samples.jsonl" in hub.files()
+
+
+# ---------------------------------------------------------------------------------------
+# Publishing
+
+
+def make_finished_run(run_dir: Path) -> None:
+    """Finished generate, filter and sft stages with the files those stages write."""
+    cfg = load_config(preset="demo", profile="cpu", overrides=["run_name=demo1"])
+    record_run(run_dir, cfg)
+    for stage, name, n in (("generate", "generated.jsonl", 5), ("filter", "kept.jsonl", 3)):
+        st = begin_stage(run_dir, stage, {"stage": stage}, {})
+        append_jsonl(st.dir / name, [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(n)])
+        atomic_write_json(st.dir / "stats.json", {"kept": n})
+        st.finish([st.dir / name, st.dir / "stats.json"], {"kept": n, "input": 5})
+    sft = begin_stage(run_dir, "sft", {"lr": 2e-4, "lora_r": 8}, {})
+    final = sft.dir / "final"
+    atomic_write_text(final / "adapter_model.safetensors", "lora weights")
+    atomic_write_json(final / "adapter_config.json", {"peft_type": "LORA", "r": 8})
+    atomic_write_json(final / "training_config.json", {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                        "training_data_size": 3, "validation_data_size": 1,
+                                                        "results": {"train_loss": 1.234, "eval_loss": 1.5}})
+    atomic_write_json(sft.dir / "metrics.json", {"eval_loss": 1.5, "tokens_per_sec": 321.0})
+    (sft.dir / "curves.png").write_bytes(b"\x89PNG fake")
+    sft.finish([*final.iterdir(), sft.dir / "metrics.json", sft.dir / "curves.png"], {"train_loss": 1.234})
+
+
+def test_publish_run_pushes_adapters_and_datasets_with_cards(hub, run_dir):
+    from sit_core.publish import publish_run
+
+    make_finished_run(run_dir)
+    urls = publish_run(run_dir, "alice", endpoint=ENDPOINT, retry=FAST)
+    assert urls == [f"{ENDPOINT}/datasets/alice/demo1-generated", f"{ENDPOINT}/datasets/alice/demo1-filtered",
+                    f"{ENDPOINT}/alice/demo1-sft-lora"]
+    kept = hub.files("alice/demo1-filtered")
+    assert kept["data/train.jsonl"] == (run_dir / "filter/kept.jsonl").read_bytes()
+    card = kept["README.md"].decode()
+    assert "3 records" in card and "size_categories:\n- n<1K" in card and "Generator: `embedded:" in card
+    model = hub.files("alice/demo1-sft-lora", "model")
+    assert {"adapter_model.safetensors", "adapter_config.json", "training_config.json", "curves.png",
+            "README.md"} <= set(model)
+    card = model["README.md"].decode()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "alice/demo1-filtered" in card and "| eval_loss | 1.5 |" in card and "| train_loss | 1.234 |" in card
+    assert '"lora_r": 8' in card
+    assert all(hub.repos[key]["private"] for key in hub.repos)
+
+
+def test_publish_refuses_damaged_or_empty_runs(hub, run_dir):
+    from sit_core.publish import publish_run
+
+    with pytest.raises(SitError, match="no run.json"):
+        publish_run(run_dir, "alice", endpoint=ENDPOINT, retry=FAST)
+    make_finished_run(run_dir)
+    (run_dir / "sft/final/adapter_model.safetensors").write_text("tampered")
+    with pytest.raises(SitError, match="damaged stages .*sft"):
+        publish_run(run_dir, "alice", endpoint=ENDPOINT, retry=FAST)
+    assert hub.requests == []
+
+
+# ---------------------------------------------------------------------------------------
+# The token appears nowhere
+
+
+def test_token_never_written_to_files_hub_or_logs(hub, run_dir, tmp_path, caplog):
+    """A fake token in HF_TOKEN; a run directory pushed, pulled onto a fresh directory, published,
+    and an auth failure: no file, no hub object and no captured log line contains the token."""
+    from sit_core.publish import publish_run
+    from sit_core.secrets import install_log_redaction
+
+    install_log_redaction()
+    caplog.set_level(logging.DEBUG)
+    make_finished_run(run_dir)
+    logging.getLogger("sit.test").info("about to push with token %s", FAKE_TOKEN)  # would leak unredacted
+    mirror(run_dir).push()
+    fresh = tmp_path / "fresh"
+    mirror(fresh).pull()
+    publish_run(run_dir, "alice", endpoint=ENDPOINT, retry=FAST)
+    hub.token = "hf_TheHubNowWantsAnotherToken000000"
+    with pytest.raises(HubAccessError) as err:
+        mirror(run_dir).push()
+
+    assert FAKE_TOKEN not in str(err.value)
+    written = [p for d in (run_dir, fresh) for p in d.rglob("*") if p.is_file()]
+    assert any(p.name == "hub_state.json" for p in written) and any(p.name == "run.json" for p in written)
+    token = FAKE_TOKEN.encode()
+    assert [p for p in written if token in p.read_bytes()] == []
+    assert [(key, path) for key, repo in hub.repos.items() for path, data in repo["files"].items() if token in data] == []
+    assert "hf_***" in caplog.text and FAKE_TOKEN not in caplog.text
+    assert all(FAKE_TOKEN not in r.getMessage() for r in caplog.records)
