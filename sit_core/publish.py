@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def publish_run(run_dir: Path, namespace: str, token: str | None = None, private
                      for p in sorted((run_dir / ad.stage / "final").rglob("*")) if p.is_file()}
             if (run_dir / ad.stage / "curves.png").is_file():
                 files["curves.png"] = run_dir / ad.stage / "curves.png"
-            files["README.md"] = model_card(run_dir, ad, config, dataset_repo).encode()
+            files["README.md"] = model_card(run_dir, ad, config, repo.repo_id, dataset_repo).encode()
             repo.upload(files, f"sit: publish {ad.stage} adapter")
             urls.append(repo.url)
     log.info("published %d repo(s): %s", len(urls), ", ".join(urls))
@@ -198,19 +199,21 @@ def dataset_card(run_dir: Path, ds: Dataset, config: dict) -> str:
     return redact(str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")))
 
 
-def model_card(run_dir: Path, ad: Adapter, config: dict, dataset_repo: str | None) -> str:
+def model_card(run_dir: Path, ad: Adapter, config: dict, repo_id: str, dataset_repo: str | None) -> str:
     """The README.md of a published adapter."""
     final = run_dir / ad.stage / "final"
     training = read_json(final / "training_config.json") if (final / "training_config.json").is_file() else {}
     base = training.get("base_model") or config.get("models", {}).get("target")
-    data = ModelCardData(base_model=base, library_name="peft", pipeline_tag="text-generation",
+    # The Hub validates base_model as a repo id; a local path or an embedded model only goes in the text.
+    hub_base = base if isinstance(base, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", base) else None
+    data = ModelCardData(base_model=hub_base, library_name="peft", pipeline_tag="text-generation",
                          tags=["sit", "peft", *ad.tags], datasets=[dataset_repo] if dataset_repo else None)
     counts = {k: training[k] for k in ("training_data_size", "validation_data_size") if k in training}
     curves = "![training curves](curves.png)\n\n" if (run_dir / ad.stage / "curves.png").is_file() else ""
     body = (f"# {ad.title} of {base}\n\nMade by sit (Synthetic Instruction Tuner), stage `{ad.stage}`, "
             f"on synthetic data{f' ([{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}))' if dataset_repo else ''}.\n\n"
             f"## Use\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
-            f"model = AutoPeftModelForCausalLM.from_pretrained(\"<this repo>\")\n```\n\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained(\"{repo_id}\")\n```\n\n"
             f"## Training data\n\n{_table(counts)}\n{_data_lineage(config)}\n"
             f"## Metrics\n\n{_table(_metrics(run_dir, ad.stage))}\n{curves}"
             f"## Training results\n\n{_table(training.get('results', {}))}\n"
