@@ -18,7 +18,7 @@ only once complete, i.e. once the trainer has written their `trainer_state.json`
 `push` uploads only the files whose content differs from the remote copy, in one commit; the
 comparison uses the remote tree listing (the LFS sha256, or the git blob sha1 of small files),
 so it is right even on a fresh VM and even if another machine pushed in between. Local hashes
-are cached in `<run_dir>/.sit/hub_state.json` by (size, mtime), so a sync every checkpoint
+are cached in `<run_dir>/.sit/hub_state.json` by (size, mtime, inode), so a sync every checkpoint
 interval does not re-read unchanged files from a slow Drive mount.
 
 `pull` never overwrites local work: it downloads files that are missing locally, and files
@@ -276,20 +276,23 @@ class HubMirror:
         return self._call(f"upload {len(files)} file(s) to", commit)
 
     def pull(self) -> PullResult:
-        """Restore into the run directory what the hub has and the run directory lacks."""
+        """Restore into the run directory what the hub has and the run directory lacks.
+
+        Creates the repo if it does not exist yet, so the first `sit run --hub-repo` of a new
+        run pulls nothing instead of failing."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_repo()
         sha = self._call("read", lambda: self.api.repo_info(self.repo_id, repo_type=self.repo_type).sha)
         remote = {rel: f for rel, f in self._remote_files(revision=sha).items() if mirrored_name(rel)}
+        present = self._hash_local({rel: self.run_dir / rel for rel in remote if (self.run_dir / rel).is_file()})
         recorded = _recorded_outputs(self.run_dir)
         result = PullResult()
         wanted = []
         for rel, remote_file in sorted(remote.items()):
-            dest = self.run_dir / rel
-            if not dest.is_file():
+            local = present.get(rel)
+            if local is None:
                 wanted.append(rel)
-                continue
-            local = hash_file(dest)
-            if _same_content(local, remote_file):
+            elif _same_content(local, remote_file):
                 result.unchanged.append(rel)
             elif rel in recorded and recorded[rel] != local.sha256:
                 wanted.append(rel)  # damaged: a finished stage's output that no longer matches its manifest
@@ -299,17 +302,18 @@ class HubMirror:
             log.warning("kept %d local file(s) that differ from hub %s (local work wins): %s",
                         len(result.kept_local), self.repo_id, ", ".join(result.kept_local[:10]))
         staging = self.run_dir / STAGING_DIR
+        staged: dict[str, Path] = {}
         for rel in wanted:
-            staged = Path(self._call(f"download {rel} from", lambda rel=rel: self.api.hf_hub_download(
+            staged[rel] = Path(self._call(f"download {rel} from", lambda rel=rel: self.api.hf_hub_download(
                 self.repo_id, rel, repo_type=self.repo_type, revision=sha, local_dir=staging)))
-            if not _same_content(hash_file(staged), remote[rel]):
-                staged.unlink()
+            if not _same_content(hash_file(staged[rel]), remote[rel]):
+                staged[rel].unlink()
                 raise HubUnavailableError(f"{rel} from hub {self.repo_id} arrived corrupted (hash mismatch)",
                                           self._resume_hint())
         for rel in sorted(wanted, key=_install_order):
             dest = self.run_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / rel, dest)
+            os.replace(staged[rel], dest)
             fsync_dir(dest.parent)
         shutil.rmtree(staging, ignore_errors=True)
         result.downloaded = wanted
@@ -342,7 +346,7 @@ class HubMirror:
         return files
 
     def _hash_local(self, files: dict[str, Path]) -> dict[str, FileHashes]:
-        """Hashes of the files, reusing the cached ones whose size and mtime did not change."""
+        """Hashes of the files, reusing the cached ones whose size, mtime and inode did not change."""
         secrets = [s.encode() for s in (self.token,) if s]
         secrets_id = hashlib.sha256(b"\0".join(secrets)).hexdigest()[:16]  # a cache made for another token is void
         state_path = self.run_dir / STATE_FILE
@@ -356,12 +360,14 @@ class HubMirror:
         for rel, path in files.items():
             st = path.stat()
             hit = cache.get(rel)
-            if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+            # The inode catches an atomic rewrite (a rename) of the same size within the mtime granularity.
+            if hit and (hit["size"], hit["mtime_ns"], hit.get("ino")) == (st.st_size, st.st_mtime_ns, st.st_ino):
                 out[rel] = FileHashes(hit["sha256"], hit["git_sha1"], hit["has_secret"])
             else:
                 out[rel] = hash_file(path, secrets)
-                cache[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **out[rel].__dict__}
-        atomic_write_json(state_path, {"secrets_id": secrets_id, "files": cache})
+                cache[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, **out[rel].__dict__}
+        if cache != state.get("files") or state.get("secrets_id") != secrets_id:
+            atomic_write_json(state_path, {"secrets_id": secrets_id, "files": cache})
         return out
 
     # -- remote side ----------------------------------------------------------------------

@@ -346,9 +346,10 @@ def test_invalid_token_wrong_repo_and_forbidden_repo(hub, run_dir, monkeypatch):
     with pytest.raises(HubAccessError, match="rejected HF_TOKEN"):
         mirror(run_dir, token="hf_WrongWrongWrongWrongWrongWrong00").push()
     assert hub.count("POST", r"^/api/repos/create$") == 1
+    hub.fail("GET", r"^/api/datasets/alice/deleted-run", [404] * 10)  # e.g. deleted while we ran
     with pytest.raises(HubAccessError, match="does not exist"):
-        HubMirror("alice/no-such-run", run_dir, endpoint=ENDPOINT, retry=FAST).pull()
-    assert hub.count("GET", r"/api/datasets/alice/no-such-run") == 1
+        HubMirror("alice/deleted-run", run_dir, endpoint=ENDPOINT, retry=FAST).pull()
+    assert hub.count("GET", r"^/api/datasets/alice/deleted-run") == 1
     hub.forbidden.add("bob/gated")
     with pytest.raises(HubAccessError, match="no access"):
         HubMirror("bob/gated", run_dir, endpoint=ENDPOINT, retry=FAST).push()
@@ -405,6 +406,11 @@ def test_pull_repairs_damaged_outputs_and_keeps_local_work(hub, run_dir):
     assert set(result.downloaded) == {"generate/samples.jsonl", "sft/manifest.json"}
     assert result.kept_local == ["sft/checkpoints/checkpoint-10/trainer_state.json"]
     assert result.damaged == {}
+
+
+def test_first_pull_of_a_new_run_creates_the_private_repo(hub, run_dir):
+    result = mirror(run_dir).pull()
+    assert result.downloaded == [] and hub.repos[f"dataset:{REPO}"]["private"] is True
 
 
 def test_verify_run_dir_reports_unreadable_manifest(run_dir):
