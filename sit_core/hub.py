@@ -54,7 +54,7 @@ from .errors import SitError
 from .fileio import atomic_write_json, fsync_dir, read_json
 from .manifest import MANIFEST, output_problems, read_manifest
 from .rundir import RUN_RECORD
-from .secrets import hf_token, redact
+from .secrets import hf_token, redact, register_secret
 
 log = logging.getLogger("sit.hub")
 
@@ -68,7 +68,8 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
 # Local machinery and secret-bearing names. Hidden files and folders (.sit.lock, .sit/, .cache/,
 # the `.name.*.tmp` files of atomic writes, .env, .netrc) are excluded as a whole, below.
 _EXCLUDED_SUFFIXES = (".tmp", ".incomplete", ".lock", ".pem", ".key")
-_SECRET_NAMES = re.compile(r"(^|[._-])(token|tokens|secret|secrets|credentials?|password)([._-]|$)", re.I)
+# Whole names only: "special_tokens_map.json" and "tokenizer.json" are part of every saved adapter.
+_SECRET_NAMES = re.compile(r"^(hf_)?(token|secrets?|credentials?|passwords?)$", re.I)
 
 
 class HubAccessError(SitError):
@@ -226,6 +227,7 @@ class HubMirror:
         self.private = private
         self.retry = retry
         self.token = token or hf_token()
+        register_secret(self.token)
         self.api = HfApi(endpoint=endpoint, token=self.token)
         self.resume_command = resume_command or f"sit run --run-dir {self.run_dir} --hub-repo {repo_id}"
         self.url: str | None = None  # the repo's web address, once ensure_repo has run

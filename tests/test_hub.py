@@ -281,9 +281,11 @@ def test_completed_checkpoint_is_synced_when_its_state_appears(hub, run_dir):
 
 def test_mirror_path_rules(run_dir):
     (run_dir / "sft/checkpoints/checkpoint-5").mkdir(parents=True)
-    assert is_mirrored(run_dir, "generate/samples.jsonl")
+    for rel in ["generate/samples.jsonl", "sft/final/special_tokens_map.json", "sft/final/tokenizer.json",
+                "sft/final/tokenizer_config.json", "sft/final/added_tokens.json"]:
+        assert is_mirrored(run_dir, rel), rel
     for rel in [".sit.lock", ".sit/hub_state.json", "generate/.samples.jsonl.99.tmp", ".env",
-                ".cache/huggingface/x", "sft/hf_token", "sft/token.json", "credentials.json", "x.incomplete",
+                ".cache/huggingface/x", "sft/hf_token", "sft/token.json", "credentials.json", "x.incomplete", "secrets.yaml",
                 "sft/checkpoints/checkpoint-5/adapter.safetensors", "sft/checkpoints/tmp-checkpoint-7/a.bin"]:
         assert not is_mirrored(run_dir, rel), rel
     (run_dir / "sft/checkpoints/checkpoint-5/trainer_state.json").write_text("{}")
