@@ -238,6 +238,7 @@ def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
     chosen = sorted(sorted(survivors, key=lambda i: _rank(cfg.seed, records[i]["id"]))[: fc.target_count])
     kept = [records[i] for i in chosen]
     stats["kept"] = len(kept)
+    stats["tables"] = {"rule_statistics": filter_table(stats)}
     out = output_path(run_dir)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in kept))
     removed_path = stage.dir / "removed.jsonl"

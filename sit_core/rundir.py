@@ -129,7 +129,7 @@ class RunLock:
         self.release()
 
 
-def record_run(run_dir: Path, cfg: SitConfig) -> None:
+def record_run(run_dir: Path, cfg: SitConfig, source: dict | None = None) -> None:
     """Write run.json (the resolved config) once; refuse a different result-affecting config.
 
     Performance-only fields (batch sizes, profile) may change between sessions, which is
@@ -153,9 +153,5 @@ def record_run(run_dir: Path, cfg: SitConfig) -> None:
                 "(the resolved one is in run.json; performance-only fields such as batch sizes may differ)",
             )
     atomic_write_json(path, {"fingerprint_hash": new_hash, "fingerprint": fingerprint,
-                             "config": cfg.model_dump(mode="json")})
+                             "config": cfg.model_dump(mode="json"), "source": source or {}})
 
-
-def load_run_config(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / RUN_RECORD
-    return read_json(path)["config"] if path.exists() else None

@@ -1,0 +1,53 @@
+"""The parent flow and the per-stage flows. Composition only: the work is in sit_core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.logging import get_run_logger
+
+from sit_core.config import STAGE_ORDER, SitConfig
+from sit_core.pipeline import prepare_run
+from tasks.stage_tasks import stage_task_for
+
+
+def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str]) -> dict:
+    results = {}
+    for stage in stages:
+        results[stage] = stage_task_for(stage, run_dir)(stage, cfg.model_dump(mode="json"), str(run_dir))
+    return results
+
+
+@flow(name="synthetic_instruction_tuner", log_prints=True)
+def synthetic_instruction_tuner(
+    run_dir: str = "runs/demo",
+    config: dict | str | None = None,
+    preset: str | None = None,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+) -> dict:
+    """Run the pipeline's stages in order into `run_dir`, skipping what is already done.
+
+    `config` is a path to a config.json/YAML or a dict in the same format; with neither
+    config nor preset, the config recorded in run_dir is reused, else the demo preset.
+    """
+    with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides, stages=stages) as (cfg, path, todo):
+        get_run_logger().info("run %s: profile %s, stages %s", path, cfg.profile, ", ".join(todo))
+        return _run_stages(cfg, path, todo)
+
+
+def _stage_flow(stage: str):
+    @flow(name=f"sit-{stage.replace('_', '-')}")
+    def single_stage(run_dir: str, config: dict | str | None = None, preset: str | None = None,
+                     profile: str | None = None, overrides: list[str] | None = None) -> dict:
+        with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides,
+                         stages=[stage]) as (cfg, path, todo):
+            return _run_stages(cfg, path, todo)[stage]
+
+    single_stage.__doc__ = f"Run only the '{stage}' stage (its inputs must exist in run_dir)."
+    return single_stage
+
+
+STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGE_ORDER}

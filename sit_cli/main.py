@@ -1,0 +1,122 @@
+"""The `sit` command line. Library code is in sit_core; orchestration in tasks/ and flows/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sit_core.config import STAGE_ORDER, load_config
+from sit_core.errors import SitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic Instruction Tuner: Magpie data, "
+                  "quality filter, preference pairs, LoRA / prompt tuning / DPO, evaluation - one resumable pipeline.")
+console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="config.json or YAML in the seed format")
+PresetOpt = typer.Option(None, "--preset", "-p", help="demo | colab-t4 | colab-a100")
+ProfileOpt = typer.Option(None, "--profile", help="auto | cpu | t4 | a100 | h100 (default: auto-detect)")
+SetOpt = typer.Option(None, "--set", "-s", help="override a value: section.key=value (repeatable)")
+
+
+def _fail(err: SitError) -> None:
+    console.print(f"[bold red]error:[/] {err.problem}")
+    if err.fix:
+        console.print(f"[bold]fix:[/] {err.fix}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = ConfigOpt,
+    preset: Optional[str] = PresetOpt,
+    profile: Optional[str] = ProfileOpt,
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-d", help="default: ./runs/<run_name>"),
+    stages: Optional[str] = typer.Option(None, "--stages", help="comma-separated subset, e.g. generate,filter"),
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Run the pipeline (the embedded demo on CPU with no arguments). Rerun the same command
+    to resume: finished stages are skipped, partial ones continue from their checkpoints."""
+    try:
+        if run_dir is None:
+            name = load_config(config, preset=preset, profile=profile or "cpu", overrides=overrides).run_name
+            run_dir = Path("runs") / name
+        from flows.pipeline import synthetic_instruction_tuner
+
+        result = synthetic_instruction_tuner(
+            run_dir=str(run_dir), config=str(config) if config else None, preset=preset, profile=profile,
+            overrides=list(overrides or []), stages=stages.split(",") if stages else None)
+    except SitError as err:
+        _fail(err)
+    console.print(f"[green]done[/]: {run_dir}")
+    _print_status(run_dir)
+    for stage, summary in (result or {}).items():
+        if isinstance(summary, dict) and summary.get("status") != "done":
+            raise typer.Exit(1)
+
+
+def _print_status(run_dir: Path) -> None:
+    from sit_core.manifest import stage_summary
+
+    table = Table(title=f"run {run_dir}")
+    for col in ("stage", "status", "progress"):
+        table.add_column(col)
+    for stage in STAGE_ORDER:
+        s = stage_summary(run_dir, stage)
+        prog = f"{s['done']} of {s['total']}" if "total" in s else ""
+        status = s["status"] if s["status"] != "partial" else f"partial ({prog})"
+        color = {"done": "green", "pending": "dim", "damaged": "red"}.get(s["status"], "yellow")
+        table.add_row(stage, f"[{color}]{status}[/]", prog)
+    Console().print(table)
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="the run directory")) -> None:
+    """Show each stage as done, partial (n of N) or pending."""
+    if not run_dir.exists():
+        _fail(SitError(f"run directory {run_dir} does not exist", "check the path, or start it with `sit run --run-dir`"))
+    _print_status(run_dir)
+
+
+@app.command("config")
+def show_config(
+    config: Optional[Path] = ConfigOpt,
+    preset: Optional[str] = PresetOpt,
+    profile: Optional[str] = ProfileOpt,
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Print the resolved configuration as JSON (defaults < profile < preset < file < --set)."""
+    try:
+        cfg = load_config(config, preset=preset, profile=profile, overrides=overrides)
+    except SitError as err:
+        _fail(err)
+    sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+
+
+@app.command()
+def reset(run_dir: Path = typer.Argument(...), stage: str = typer.Argument(..., help="first stage to discard"),
+          yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")) -> None:
+    """Discard a stage and every stage after it, so they are recomputed."""
+    if stage not in STAGE_ORDER:
+        _fail(SitError(f"unknown stage '{stage}'", f"stages are: {', '.join(STAGE_ORDER)}"))
+    doomed = list(STAGE_ORDER[STAGE_ORDER.index(stage):])
+    present = [s for s in doomed if (run_dir / s).exists()]
+    if not yes and not typer.confirm(f"delete {', '.join(present) or 'nothing'} in {run_dir}?"):
+        raise typer.Exit(1)
+    for s in present:
+        shutil.rmtree(run_dir / s)
+    results = run_dir / ".sit" / "prefect-results"
+    for record in results.glob("*") if results.exists() else []:
+        if record.name.split("-")[0] in doomed or record.name.rsplit("-", 1)[0] in doomed:
+            record.unlink()
+    console.print(f"reset: {', '.join(present) or 'nothing to delete'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,130 @@
+"""Prefect tasks around sit_core stages: cache keys, retries, progress and artifacts.
+
+Caching works across machines because both halves of it live in the run directory:
+  - the key is the stage name, its fingerprint (config minus performance-only fields), the
+    content hashes of its inputs (run-dir-relative paths) and the stage's code version;
+    never RUN_ID, never absolute paths;
+  - the result record is stored under `<run_dir>/.sit/prefect-results/<key>`.
+So a new VM with an empty PREFECT_HOME, pointed at the same run directory (Drive, or a hub
+pull), hits the cache and loads no model. A record whose stage outputs were damaged or
+deleted since is dropped, and the task runs again (resuming from the stage's checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.logging import get_run_logger
+
+from sit_core.config import SitConfig
+from sit_core.errors import SitError
+from sit_core.manifest import input_hashes, output_problems, read_manifest
+from sit_core.stages import code_version, stage_module
+
+RESULTS_DIR = ".sit/prefect-results"
+TRANSIENT = (ConnectionError, TimeoutError)
+
+
+def results_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RESULTS_DIR
+
+
+def stage_cache_key(stage: str, cfg: SitConfig, run_dir: Path) -> str | None:
+    module = stage_module(stage)
+    paths = module.input_paths(cfg, run_dir)
+    if any(not Path(p).exists() for p in paths):
+        return None  # upstream missing: the stage will explain; nothing to cache
+    material = {"stage": stage, "fingerprint": module.fingerprint(cfg),
+                "inputs": input_hashes(run_dir, paths), "code": code_version(stage)}
+    key = f"{stage}-" + hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+    record = results_dir(run_dir) / key
+    manifest = read_manifest(run_dir, stage)
+    if record.exists() and (manifest is None or manifest.get("status") != "done" or output_problems(run_dir, manifest)):
+        record.unlink()  # the cached result describes outputs that are gone or damaged
+    return key
+
+
+def _cache_key_fn(ctx: Any, params: dict[str, Any]) -> str | None:
+    cfg = SitConfig.model_validate(params["config"])
+    return stage_cache_key(params["stage"], cfg, Path(params["run_dir"]))
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry network hiccups (hub sync, downloads); never a user-fixable or code error."""
+    try:
+        state.result()
+    except SitError:
+        return False
+    except TRANSIENT:
+        return True
+    except Exception as exc:  # noqa: BLE001 - classify by HTTP status when there is one
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return status == 429 or (status is not None and status >= 500)
+    return False
+
+
+def progress_reporter(stage: str, sync: Callable[[], None] | None = None,
+                      min_interval_s: float = 2.0) -> Callable[[int, int], None]:
+    """A progress callback for sit_core: a Prefect progress artifact (and an optional
+    checkpoint sync), throttled so a fast stage does not flood the API."""
+    artifact_id = create_progress_artifact(progress=0.0, key=f"{stage.replace('_', '-')}-progress",
+                                           description=f"{stage}: starting")
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < min_interval_s:
+            return
+        last[0] = now
+        pct = 100.0 * done / total if total else 100.0
+        update_progress_artifact(artifact_id=artifact_id, progress=pct, description=f"{stage}: {done} of {total}")
+        if sync is not None:
+            sync()
+
+    return report
+
+
+def publish_tables(stage: str, manifest: dict) -> None:
+    """Every stage may put `tables: {name: rows}` in its stats; each becomes a table artifact."""
+    for name, rows in (manifest.get("stats") or {}).get("tables", {}).items():
+        create_table_artifact(table=rows, key=f"{stage}-{name}".replace("_", "-"),
+                              description=f"{stage}: {name.replace('_', ' ')}")
+
+
+@task(
+    task_run_name="{stage}",
+    cache_policy=CacheKeyFnPolicy(cache_key_fn=_cache_key_fn),
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=_retry_transient,
+)
+def run_stage_task(stage: str, config: dict, run_dir: str) -> dict:
+    """Run one stage. Returns a small summary (the cached result): status, outputs, stats."""
+    from sit_core.stages import run_stage
+
+    cfg = SitConfig.model_validate(config)
+    sync = None
+    logger = get_run_logger()
+    logger.info("stage %s: starting in %s", stage, run_dir)
+    manifest = run_stage(cfg, Path(run_dir), stage, progress_reporter(stage, sync))
+    publish_tables(stage, manifest)
+    if sync is not None:
+        sync()
+    logger.info("stage %s: %s", stage, manifest.get("status"))
+    return {"stage": stage, "status": manifest.get("status"), "outputs": manifest.get("outputs", {}),
+            "stats": {k: v for k, v in (manifest.get("stats") or {}).items() if k != "tables"}}
+
+
+def stage_task_for(stage: str, run_dir: str | Path):
+    """The stage task bound to this run directory's result store."""
+    # A Path (not an unsaved block) is what Prefect accepts without a server-side block.
+    return run_stage_task.with_options(name=stage, result_storage=results_dir(run_dir).resolve())
