@@ -33,9 +33,15 @@ def synthetic_instruction_tuner(
     `config` is a path to a config.json/YAML or a dict in the same format; with neither
     config nor preset, the config recorded in run_dir is reused, else the demo preset.
     """
-    with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides, stages=stages) as (cfg, path, todo):
-        get_run_logger().info("run %s: profile %s, stages %s", path, cfg.profile, ", ".join(todo))
-        return _run_stages(cfg, path, todo)
+    with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides, stages=stages) as run:
+        logger = get_run_logger()
+        logger.info("run %s: profile %s, stages %s", run.run_dir, run.cfg.profile, ", ".join(run.stages))
+        if run.pulled:
+            logger.info("pulled %d files from the hub mirror %s", len(run.pulled), run.cfg.hub_repo)
+        for stage, problems in run.damaged.items():
+            logger.warning("stage %s is damaged (%s); recomputing it from its last good checkpoint",
+                           stage, "; ".join(problems))
+        return _run_stages(run.cfg, run.run_dir, run.stages)
 
 
 def _stage_flow(stage: str):
@@ -43,8 +49,8 @@ def _stage_flow(stage: str):
     def single_stage(run_dir: str, config: dict | str | None = None, preset: str | None = None,
                      profile: str | None = None, overrides: list[str] | None = None) -> dict:
         with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides,
-                         stages=[stage]) as (cfg, path, todo):
-            return _run_stages(cfg, path, todo)[stage]
+                         stages=[stage]) as run:
+            return _run_stages(run.cfg, run.run_dir, run.stages)[stage]
 
     single_stage.__doc__ = f"Run only the '{stage}' stage (its inputs must exist in run_dir)."
     return single_stage

@@ -111,7 +111,7 @@ def reset(run_dir: Path = typer.Argument(...), stage: str = typer.Argument(..., 
         raise typer.Exit(1)
     for s in present:
         shutil.rmtree(run_dir / s)
-    results = run_dir / ".sit" / "prefect-results"
+    results = run_dir / "prefect-results"
     for record in results.glob("*") if results.exists() else []:
         if record.name.split("-")[0] in doomed or record.name.rsplit("-", 1)[0] in doomed:
             record.unlink()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +18,17 @@ from .errors import ConfigError
 from .fileio import read_json
 from .rundir import RUN_RECORD, RunLock, ensure_writable, record_run
 from .stages import STAGE_MODULES, Progress, run_stage
+
+log = logging.getLogger("sit")
+
+
+@dataclass
+class OpenRun:
+    cfg: SitConfig
+    run_dir: Path
+    stages: list[str]
+    damaged: dict[str, list[str]] = field(default_factory=dict)
+    pulled: list[str] = field(default_factory=list)
 
 
 def available_stages() -> list[str]:
@@ -42,10 +55,24 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
     return cfg, source
 
 
+def mirror_for(cfg: SitConfig, run_dir: Path):
+    if not cfg.hub_repo:
+        return None
+    from .hub import HubMirror
+
+    return HubMirror(cfg.hub_repo, run_dir)
+
+
 @contextlib.contextmanager
 def prepare_run(run_dir: str | Path, config: dict | str | Path | None = None, *, preset: str | None = None,
                 profile: str | None = None, overrides: list[str] | None = None,
-                stages: list[str] | None = None) -> Iterator[tuple[SitConfig, Path, list[str]]]:
+                stages: list[str] | None = None) -> Iterator[OpenRun]:
+    """Resolve and check the config, lock the run directory, pull the hub mirror (if any),
+    find damaged stages, and record run.json. Nothing here loads a model."""
+    from .hub import verify_run_dir
+    from .secrets import install_log_redaction
+
+    install_log_redaction()
     path = ensure_writable(Path(run_dir))
     cfg, source = resolve_config(path, config, preset, profile, overrides)
     wanted = stages or cfg.stages
@@ -55,8 +82,30 @@ def prepare_run(run_dir: str | Path, config: dict | str | Path | None = None, *,
     todo = [s for s in STAGE_ORDER if s in wanted and s in available_stages()]
     check_models(cfg, todo)
     with RunLock(path):
+        opened = OpenRun(cfg, path, todo)
+        mirror = mirror_for(cfg, path)
+        if mirror is not None:
+            opened.pulled = mirror.pull().downloaded
+        opened.damaged = verify_run_dir(path)
+        for stage, problems in opened.damaged.items():
+            log.warning("stage %s is damaged (%s); it will be recomputed from its last good checkpoint",
+                        stage, "; ".join(problems))
         record_run(path, cfg, source)
-        yield cfg, path, todo
+        if mirror is not None:
+            mirror.push([path / RUN_RECORD])
+        yield opened
+
+
+def execute_stage(cfg: SitConfig, run_dir: Path, stage: str, progress: Progress = None) -> dict:
+    """Run one stage; with a hub mirror, sync every checkpoint_interval items and at the end."""
+    mirror = mirror_for(cfg, run_dir)
+    if mirror is None:
+        return run_stage(cfg, run_dir, stage, progress)
+    from .hub import SyncThrottle
+
+    manifest = run_stage(cfg, run_dir, stage, SyncThrottle(mirror, stage, cfg.checkpoint_interval, progress))
+    mirror.push([Path(run_dir) / stage], message=f"sit: {stage} {manifest.get('status')}")
+    return manifest
 
 
 def run_pipeline(run_dir: str | Path, config: dict | str | Path | None = None, *, preset: str | None = None,
@@ -64,5 +113,5 @@ def run_pipeline(run_dir: str | Path, config: dict | str | Path | None = None, *
                  progress: Progress = None) -> dict:
     """Run the stages with plain function calls, no orchestration."""
     with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides,
-                     stages=stages) as (cfg, path, todo):
-        return {stage: run_stage(cfg, path, stage, progress) for stage in todo}
+                     stages=stages) as run:
+        return {stage: execute_stage(run.cfg, run.run_dir, stage, progress) for stage in run.stages}

@@ -25,11 +25,12 @@ from prefect.logging import get_run_logger
 
 from sit_core.config import SitConfig
 from sit_core.errors import SitError
+from sit_core.hub import HubUnavailableError, is_transient
 from sit_core.manifest import input_hashes, output_problems, read_manifest
 from sit_core.stages import code_version, stage_module
 
-RESULTS_DIR = ".sit/prefect-results"
-TRANSIENT = (ConnectionError, TimeoutError)
+# Not hidden: the hub mirror skips dot-folders, and a fresh VM needs these records for cache hits.
+RESULTS_DIR = "prefect-results"
 
 
 def results_dir(run_dir: str | Path) -> Path:
@@ -60,20 +61,18 @@ def _retry_transient(task, task_run, state) -> bool:
     """Retry network hiccups (hub sync, downloads); never a user-fixable or code error."""
     try:
         state.result()
+    except HubUnavailableError:
+        return True
     except SitError:
         return False
-    except TRANSIENT:
-        return True
-    except Exception as exc:  # noqa: BLE001 - classify by HTTP status when there is one
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        return status == 429 or (status is not None and status >= 500)
+    except Exception as exc:  # noqa: BLE001 - classified by type and HTTP status
+        return is_transient(exc)
     return False
 
 
-def progress_reporter(stage: str, sync: Callable[[], None] | None = None,
-                      min_interval_s: float = 2.0) -> Callable[[int, int], None]:
-    """A progress callback for sit_core: a Prefect progress artifact (and an optional
-    checkpoint sync), throttled so a fast stage does not flood the API."""
+def progress_reporter(stage: str, min_interval_s: float = 2.0) -> Callable[[int, int], None]:
+    """A progress callback for sit_core: a Prefect progress artifact, throttled so a fast
+    stage does not flood the API."""
     artifact_id = create_progress_artifact(progress=0.0, key=f"{stage.replace('_', '-')}-progress",
                                            description=f"{stage}: starting")
     last = [0.0]
@@ -85,8 +84,6 @@ def progress_reporter(stage: str, sync: Callable[[], None] | None = None,
         last[0] = now
         pct = 100.0 * done / total if total else 100.0
         update_progress_artifact(artifact_id=artifact_id, progress=pct, description=f"{stage}: {done} of {total}")
-        if sync is not None:
-            sync()
 
     return report
 
@@ -109,16 +106,13 @@ def publish_tables(stage: str, manifest: dict) -> None:
 )
 def run_stage_task(stage: str, config: dict, run_dir: str) -> dict:
     """Run one stage. Returns a small summary (the cached result): status, outputs, stats."""
-    from sit_core.stages import run_stage
+    from sit_core.pipeline import execute_stage
 
     cfg = SitConfig.model_validate(config)
-    sync = None
     logger = get_run_logger()
     logger.info("stage %s: starting in %s", stage, run_dir)
-    manifest = run_stage(cfg, Path(run_dir), stage, progress_reporter(stage, sync))
+    manifest = execute_stage(cfg, Path(run_dir), stage, progress_reporter(stage))
     publish_tables(stage, manifest)
-    if sync is not None:
-        sync()
     logger.info("stage %s: %s", stage, manifest.get("status"))
     return {"stage": stage, "status": manifest.get("status"), "outputs": manifest.get("outputs", {}),
             "stats": {k: v for k, v in (manifest.get("stats") or {}).items() if k != "tables"}}
