@@ -39,10 +39,12 @@ def run(
     profile: Optional[str] = ProfileOpt,
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", "-d", help="default: ./runs/<run_name>"),
     stages: Optional[str] = typer.Option(None, "--stages", help="comma-separated subset, e.g. generate,filter"),
+    hub_repo: Optional[str] = typer.Option(None, "--hub-repo", help="user/name: mirror the run dir to a private hub repo"),
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Run the pipeline (the embedded demo on CPU with no arguments). Rerun the same command
     to resume: finished stages are skipped, partial ones continue from their checkpoints."""
+    overrides = list(overrides or []) + ([f"hub_repo={hub_repo}"] if hub_repo else [])
     try:
         if run_dir is None:
             name = load_config(config, preset=preset, profile=profile or "cpu", overrides=overrides).run_name
@@ -51,7 +53,7 @@ def run(
 
         result = synthetic_instruction_tuner(
             run_dir=str(run_dir), config=str(config) if config else None, preset=preset, profile=profile,
-            overrides=list(overrides or []), stages=stages.split(",") if stages else None)
+            overrides=overrides, stages=stages.split(",") if stages else None)
     except SitError as err:
         _fail(err)
     console.print(f"[green]done[/]: {run_dir}")
@@ -116,6 +118,23 @@ def reset(run_dir: Path = typer.Argument(...), stage: str = typer.Argument(..., 
         if record.name.split("-")[0] in doomed or record.name.rsplit("-", 1)[0] in doomed:
             record.unlink()
     console.print(f"reset: {', '.join(present) or 'nothing to delete'}")
+
+
+@app.command()
+def publish(run_dir: Path = typer.Option(..., "--run-dir", "-d"),
+            namespace: str = typer.Option(..., "--namespace", "-n", help="hub user or organisation"),
+            public: bool = typer.Option(False, "--public", help="create public repos (default private)")) -> None:
+    """Push the final adapters as model repos and the datasets as dataset repos, with cards."""
+    from sit_core.publish import publish_run
+    from sit_core.secrets import install_log_redaction
+
+    install_log_redaction()
+    try:
+        urls = publish_run(run_dir, namespace, private=not public)
+    except SitError as err:
+        _fail(err)
+    for url in urls:
+        console.print(url)
 
 
 if __name__ == "__main__":
