@@ -23,13 +23,12 @@ from .errors import NotEnoughDataError
 from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from .manifest import StageRun
 from .models import load_causal_lm, release
-from .sampling import Sampling, generate, item_seed
+from .sampling import Sampling, chat_prompt, generate, item_seed, pre_query_template, stop_token_ids
 from .stages import Progress, done_manifest, open_stage
 
 STAGE = "generate"
 ATTEMPTS = "attempts.jsonl"
 OUTPUT = "generated.jsonl"
-_SENTINEL = "\u0000SIT_QUERY\u0000"
 
 
 def input_paths(cfg: SitConfig, run_dir: Path) -> list[Path]:
@@ -43,31 +42,6 @@ def fingerprint(cfg: SitConfig) -> dict:
 
 def output_path(run_dir: Path) -> Path:
     return Path(run_dir) / STAGE / OUTPUT
-
-
-def pre_query_template(tokenizer, system_prompt: str | None) -> tuple[str, str]:
-    """(text before the user's message, text right after it) from the model's own template."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": _SENTINEL})
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    if _SENTINEL not in rendered:
-        raise ValueError("the chat template dropped the user message; it cannot be used for Magpie")
-    before, after = rendered.split(_SENTINEL, 1)
-    return before, after
-
-
-def stop_token_ids(model, tokenizer, after_user: str) -> set[int]:
-    """End-of-turn (the first token after a user message in the template) plus every eos id."""
-    ids: set[int] = set()
-    follow = tokenizer(after_user, add_special_tokens=False)["input_ids"]
-    if follow:
-        ids.add(follow[0])
-    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return ids
 
 
 def _normalize(text: str) -> str:
@@ -169,7 +143,7 @@ def _generate_batch(cfg, lm, query_prefix, stops, instr_sampling, resp_sampling,
             records.append({"index": index, "status": "ok", "instruction": text})
             to_answer.append(records[-1])
     if to_answer:
-        prompts = [_chat_prompt(tok, cfg.generation.system_prompt, r["instruction"]) for r in to_answer]
+        prompts = [chat_prompt(tok, cfg.generation.system_prompt, r["instruction"]) for r in to_answer]
         seeds = [item_seed(cfg.seed, STAGE, r["index"], "response") for r in to_answer]
         resp_ids = generate(lm.model, prompts, seeds, resp_sampling, stops, tok.pad_token_id)
         for rec, ids in zip(to_answer, resp_ids):
@@ -179,13 +153,6 @@ def _generate_batch(cfg, lm, query_prefix, stops, instr_sampling, resp_sampling,
             if not rec["response"]:
                 rec["status"] = "empty_response"
     return records, n_tokens
-
-
-def _chat_prompt(tokenizer, system_prompt: str | None, instruction: str) -> list[int]:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": instruction})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _finish(cfg: SitConfig, stage: StageRun, attempts: list[dict], accepted: list[dict]) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -48,8 +48,12 @@ def generate(
     sampling: Sampling,
     stop_ids: set[int],
     pad_id: int,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
-    """Sample a continuation for each prompt (token ids); returns the new ids, stop id excluded."""
+    """Sample a continuation for each prompt (token ids); returns the new ids, stop id excluded.
+
+    `on_step(step)` is called after every decoding step: a heartbeat for a watchdog that must
+    tell a slow batch from a hung one."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -63,7 +67,7 @@ def generate(
     finished = [False] * len(prompts)
     past = None
     step_ids = input_ids
-    for _ in range(sampling.max_new_tokens):
+    for step in range(sampling.max_new_tokens):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
         out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
                     past_key_values=past, use_cache=True)
@@ -80,9 +84,50 @@ def generate(
             else:
                 outputs[i].append(tok)
             next_ids.append(tok)
+        if on_step is not None:
+            on_step(step)
         if all(finished):
             break
         step_ids = torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1)
         attention = torch.cat([attention, torch.tensor([[0 if f else 1] for f in finished],
                                                        dtype=torch.long, device=device)], dim=1)
     return outputs
+
+
+# ---------------------------------------------------------------------------------------
+# Chat-template helpers (Magpie and the preference stage prompt instruct models the same way)
+
+_SENTINEL = "\u0000SIT_QUERY\u0000"
+
+
+def pre_query_template(tokenizer, system_prompt: str | None) -> tuple[str, str]:
+    """(text before the user's message, text right after it) from the model's own template."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": _SENTINEL})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if _SENTINEL not in rendered:
+        raise ValueError("the chat template dropped the user message; it cannot be used for Magpie")
+    before, after = rendered.split(_SENTINEL, 1)
+    return before, after
+
+
+def stop_token_ids(model, tokenizer, after_user: str) -> set[int]:
+    """End-of-turn (the first token after a user message in the template) plus every eos id."""
+    ids: set[int] = set()
+    follow = tokenizer(after_user, add_special_tokens=False)["input_ids"]
+    if follow:
+        ids.add(follow[0])
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+def chat_prompt(tokenizer, system_prompt: str | None, instruction: str) -> list[int]:
+    """Token ids of a one-turn chat, ending where the assistant's answer starts."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": instruction})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
