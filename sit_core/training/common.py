@@ -434,7 +434,7 @@ def _trainer_kwargs(cfg: SitConfig, hw: Hardware, method: Method, run: StageRun,
         fp16=hw.fp16,
         tf32=hw.tf32 if hw.device == "cuda" else None,
         use_cpu=hw.device != "cuda",
-        gradient_checkpointing=t.gradient_checkpointing,  # trl defaults to True
+        activation_checkpointing=t.gradient_checkpointing,  # trl defaults to on; the profile decides
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=method.save_steps,
