@@ -1,0 +1,260 @@
+"""Evaluation: lm-eval on the offline tasks with the embedded model and a LoRA adapter trained
+here, lm-eval's IFEval checker on hand-written responses, the agent loop, and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sit_core.config import load_config
+from sit_core.errors import SitError
+from sit_core.evaluation import agent, lm_eval_runner
+from sit_core.evaluation.stage import run as run_evaluate
+from sit_core.fileio import read_json
+
+TASKS_DIR = Path(lm_eval_runner.__file__).parent / "tasks"
+
+
+def _task_utils(task: str):
+    spec = importlib.util.spec_from_file_location(f"sit_test_{task}_utils", TASKS_DIR / task / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def no_nltk_download(monkeypatch):
+    """The checker's NLTK data must come from a package: any download attempt fails the test."""
+    import nltk
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"nltk.download{args} was called")
+
+    monkeypatch.setattr(nltk, "download", refuse)
+
+
+# ---------------------------------------------------------------------------------------
+# IFEval checker
+
+
+def test_ifeval_checker_on_handwritten_responses() -> None:
+    utils = _task_utils("sit_ifeval_local")
+    docs = {doc["prompt"].split(".")[0]: doc for doc in utils.load_dataset()["test"]}
+
+    def strict(prompt_start: str, response: str) -> bool:
+        return utils.process_results(docs[prompt_start], [response])["prompt_level_strict_acc"]
+
+    bikes = "Describe how a bicycle gear system works without using any commas"
+    assert strict(bikes, "Gears let the rider trade speed for force. A small front ring makes climbing easy.")
+    assert not strict(bikes, "Gears, chains, and cogs work together.")
+
+    water = "Describe the water cycle in fewer than 4 sentences"  # counted by NLTK's punkt model
+    assert strict(water, "Water evaporates from the sea. It condenses into clouds and falls as rain.")
+    assert not strict(water, "Water warms. It rises. It cools. It forms clouds. It rains. It flows back.")
+    assert strict(water, "Dr. Smith studies rain. Water rises, cools and falls again.")  # "Dr." ends no sentence
+
+    cook = "Give advice to someone learning to cook"  # two instructions: lowercase and no comma
+    assert strict(cook, "start with eggs and rice and taste as you go.")
+    assert not strict(cook, "start with eggs, rice and soup.")
+    assert not strict(cook, "Start With Eggs and rice.")
+
+    colours = "List two primary colours and one secondary colour"
+    assert strict(colours, '```json\n{"primary": ["red", "blue"], "secondary": ["green"]}\n```')
+    assert not strict(colours, "Red and blue are primary; green is secondary.")
+
+    language = "Name a good first programming language and say why"
+    assert strict(language, "I suggest python because it reads like English. Happy coding.")
+    assert not strict(language, "I suggest python because it reads like English.")
+
+
+def test_local_task_data_is_well_formed() -> None:
+    from lm_eval.tasks.ifeval import instructions_registry
+
+    ifeval = _task_utils("sit_ifeval_local").load_dataset()["test"]
+    assert len(ifeval) >= 20
+    for doc in ifeval:
+        assert len(doc["instruction_id_list"]) == len(doc["kwargs"])
+        assert all(i in instructions_registry.INSTRUCTION_DICT for i in doc["instruction_id_list"])
+    mc = _task_utils("sit_mc_local").load_dataset()["test"]
+    assert len(mc) >= 20
+    assert all(0 <= doc["answer"] < len(doc["choices"]) for doc in mc)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_unknown_task_lists_close_matches() -> None:
+    with pytest.raises(SitError) as err:
+        lm_eval_runner.check_tasks(["sit_ifeval_locl"])
+    assert "close matches: sit_ifeval_local" in str(err.value)
+
+
+def test_hub_task_offline_names_local_set(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SitError) as err:
+        lm_eval_runner.check_tasks(["sit_mc_local", "hellaswag"])
+    message = str(err.value)
+    assert "hellaswag" in message and "Hub" in message
+    assert "sit_ifeval_local" in message and "sit_mc_local" in message
+
+
+# ---------------------------------------------------------------------------------------
+# Agent evaluation
+
+
+def test_agent_tools() -> None:
+    assert agent.calculator("3 * (4 + 5) - 2 ** 3") == 19
+    with pytest.raises(agent.ToolError):
+        agent.calculator("__import__('os').system('true')")
+    assert agent.convert(10, "mi", "km") == pytest.approx(16.09344)
+    assert agent.convert(212, "f", "c") == pytest.approx(100)
+    with pytest.raises(agent.ToolError):
+        agent.convert(1, "kg", "km")
+    assert agent.lookup("Gizmo", "price_usd") == 12.0
+    with pytest.raises(agent.ToolError):
+        agent.lookup("unobtainium", "stock")
+
+
+def test_agent_tasks_are_deterministic_and_solvable() -> None:
+    tasks = agent.build_tasks(10, seed=42)
+    assert tasks == agent.build_tasks(10, seed=42)
+    assert {t.kind for t in tasks} == {"arithmetic", "conversion", "lookup", "lookup_then_calculate",
+                                       "lookup_then_convert"}
+    assert agent.build_tasks(10, seed=7) != tasks
+
+
+def test_agent_loop_with_scripted_replies() -> None:
+    """A two-step task solved by a scripted model, then one that never uses the format."""
+    task = next(t for t in agent.build_tasks(10, seed=42) if t.kind == "lookup_then_calculate")
+    item = task.question.split(" of ")[1].split(" cost")[0]
+    units = int(task.question.split()[2])
+    script = iter([
+        f'Let me look it up. {{"tool": "lookup", "args": {{"item": "{item}", "field": "price_usd"}}}}',
+        '```json\n{"tool": "calculator", "args": {"expression": "' + f"{units} * {agent.INVENTORY[item]['price_usd']}" + '"}}\n```',
+        f'{{"answer": {units * agent.INVENTORY[item]["price_usd"]}}}',
+    ])
+    seen = []
+
+    def scripted(messages):
+        seen.append(messages[-1]["content"])
+        return next(script)
+
+    good = agent.solve(task, scripted, max_steps=4)
+    assert good["success"] and good["steps"] == 3 and good["valid_turns"] == 3 and good["tool_calls"] == 2
+    assert seen[1].startswith("Result: ")
+
+    bad = agent.solve(task, lambda messages: "The answer is probably 12.", max_steps=2)
+    assert not bad["success"] and bad["steps"] == 2 and bad["valid_turns"] == 0
+    summary = agent.summarize([good, bad])
+    assert summary["success_rate"] == 0.5
+    assert summary["valid_call_rate"] == pytest.approx(3 / 5)
+    assert summary["mean_steps"] == 2.5
+
+
+def test_agentbench_results_are_parsed(tmp_path: Path) -> None:
+    """The layout AgentBench's assigner writes: outputs/<time>/<agent>/<task>/overall.json."""
+    out = tmp_path / "outputs" / "2025-01-01-00-00-00" / "sit-sft" / "webshop-std"
+    out.mkdir(parents=True)
+    (out / "overall.json").write_text(json.dumps(
+        {"total": 20, "validation": {"completed": 0.9, "agent invalid action": 0.05},
+         "custom": {"reward": 0.31, "success_rate": 0.15}}))
+    (out / "runs.jsonl").write_text("{}\n")
+    rows = agent.parse_agentbench_outputs(tmp_path / "outputs")
+    assert rows == [{"run": "2025-01-01-00-00-00", "agent": "sit-sft", "task": "webshop-std",
+                     "metrics": {"total": 20.0, "validation.completed": 0.9, "validation.agent invalid action": 0.05,
+                                 "custom.reward": 0.31, "custom.success_rate": 0.15}}]
+    with pytest.raises(SitError):
+        agent.run_agentbench(tmp_path)  # not a checkout
+
+
+# ---------------------------------------------------------------------------------------
+# The stage, on the embedded model and a LoRA adapter trained here
+
+
+def _train_tiny_lora(base_path: Path, out_dir: Path) -> None:
+    """A few optimizer steps of LoRA on two sentences: a real adapter, different from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    batch = tok(["Question: How many legs does a spider have?\nAnswer: eight",
+                 "Answer in lowercase letters only and use no commas."], return_tensors="pt", padding=True)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(3):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    model.save_pretrained(out_dir)
+
+
+@pytest.mark.slow
+def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None:
+    _train_tiny_lora(smollm2_path, run_dir / "sft" / "final")
+    cfg = load_config(None, preset="demo", profile="cpu", overrides=[
+        "evaluation.limit=2", 'evaluation.variants=["base","sft","dpo"]',
+        "evaluation.agent.num_tasks=2", "evaluation.agent.max_steps=2"])
+    manifest = run_evaluate(cfg, run_dir)
+
+    assert manifest["status"] == "done"
+    stats = manifest["stats"]
+    assert stats["variants"] == {"base": "ready", "sft": "ready", "dpo": "missing"}  # dpo reported, not dropped
+    assert any(e["event"] == "variant_missing" and e["variant"] == "dpo" for e in manifest["events"])
+    evaluate = run_dir / "evaluate"
+    for variant in ("base", "sft"):
+        result = read_json(evaluate / "lm_eval" / f"{variant}.json")
+        assert set(result["results"]) == {"sit_ifeval_local", "sit_mc_local"}
+        assert result["results"]["sit_mc_local"]["sample_len"] == 2
+        summary = read_json(evaluate / "agent" / f"{variant}.json")["summary"]
+        assert summary["num_tasks"] == 2 and 1 <= summary["mean_steps"] <= 2
+    assert not (evaluate / "lm_eval" / "dpo.json").exists()
+    primary = {(r["variant"], r["task"]): r["metric"] for r in stats["table"]}
+    assert primary == {("base", "sit_ifeval_local"): "prompt_level_strict_acc", ("base", "sit_mc_local"): "acc",
+                       ("sft", "sit_ifeval_local"): "prompt_level_strict_acc", ("sft", "sit_mc_local"): "acc"}
+    lines = (evaluate / "scores.csv").read_text().splitlines()
+    assert lines[0] == "variant,task,metric,value,primary"
+    assert len(lines) == 1 + 2 * (4 + 2)  # four IFEval metrics and two MC metrics per variant
+
+    # Cut short: the sft/sit_mc_local pair is lost. Only that pair is recomputed.
+    base_mtime = (evaluate / "lm_eval" / "base.json").stat().st_mtime_ns
+    sft = read_json(evaluate / "lm_eval" / "sft.json")
+    del sft["results"]["sit_mc_local"]
+    (evaluate / "lm_eval" / "sft.json").write_text(json.dumps(sft))
+    m = read_json(evaluate / "manifest.json")
+    m["status"] = "partial"
+    (evaluate / "manifest.json").write_text(json.dumps(m))
+    before = sum(e["event"] == "task_evaluated" for e in m["events"])
+    resumed = run_evaluate(cfg, run_dir)
+    evaluated = [e for e in resumed["events"] if e["event"] == "task_evaluated"]
+    assert len(evaluated) == before + 1 and evaluated[-1] == {**evaluated[-1], "variant": "sft", "task": "sit_mc_local"}
+    assert (evaluate / "lm_eval" / "base.json").stat().st_mtime_ns == base_mtime
+    assert resumed["stats"]["table"] == stats["table"]
+
+
+@pytest.mark.slow
+def test_prompt_tuning_logits_line_up(smollm2_path: Path, tmp_path: Path) -> None:
+    """A prompt-tuned model's forward returns logits for its virtual tokens too; the HFLM
+    subclass drops them so lm-eval scores the real positions."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)).save_pretrained(tmp_path)
+    lm = lm_eval_runner.load_lm(str(smollm2_path), tmp_path, batch_size=2)
+    inps = torch.tensor([[1, 2, 3, 4]])
+    assert lm.model(inps).logits.shape[1] == 4 + 5
+    assert lm._model_call(inps).shape[1] == 4
+    result = lm_eval_runner.evaluate_task(lm, "sit_mc_local", limit=2, seed=42)
+    assert 0.0 <= result["results"]["sit_mc_local"]["acc,none"] <= 1.0
