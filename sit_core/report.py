@@ -12,9 +12,9 @@ data statistics (`filter/stats.json`, `preference/stats.json`), and writes to `r
 - `report.md`, following the seed's outline (introduction, related work, method, setup,
   results, discussion, conclusion) and filled from the data.
 
-The manifest's stats carry `table` (the comparison rows) and `report_md` (the report's path
-relative to the run directory) so the Prefect layer can publish a table and a markdown
-artifact without reading anything else.
+The manifest's stats carry `tables: {"comparison": rows}`, which the Prefect layer publishes
+as a table artifact like every stage's `tables`, and `report_md` (the report's path relative
+to the run directory) for its markdown artifact.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
     md_path = stage.dir / "report.md"
     atomic_write_text(md_path, render_markdown(cfg, data, rows, charts))
     winners = winners_per_task(cfg, rows)
-    stats = {"table": rows, "report_md": md_path.relative_to(run_dir).as_posix(), "winners": winners,
+    stats = {"tables": {"comparison": rows}, "report_md": md_path.relative_to(run_dir).as_posix(), "winners": winners,
              "charts": [c.name for c in charts], "missing": [r["variant"] for r in rows if r["status"] == MISSING]}
     return stage.finish([csv_path, md_path, *charts], stats)
 

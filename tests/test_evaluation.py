@@ -219,7 +219,7 @@ def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None
         summary = read_json(evaluate / "agent" / f"{variant}.json")["summary"]
         assert summary["num_tasks"] == 2 and 1 <= summary["mean_steps"] <= 2
     assert not (evaluate / "lm_eval" / "dpo.json").exists()
-    primary = {(r["variant"], r["task"]): r["metric"] for r in stats["table"]}
+    primary = {(r["variant"], r["task"]): r["metric"] for r in stats["tables"]["scores"]}
     assert primary == {("base", "sit_ifeval_local"): "prompt_level_strict_acc", ("base", "sit_mc_local"): "acc",
                        ("sft", "sit_ifeval_local"): "prompt_level_strict_acc", ("sft", "sit_mc_local"): "acc"}
     lines = (evaluate / "scores.csv").read_text().splitlines()
@@ -239,7 +239,7 @@ def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None
     evaluated = [e for e in resumed["events"] if e["event"] == "task_evaluated"]
     assert len(evaluated) == before + 1 and evaluated[-1] == {**evaluated[-1], "variant": "sft", "task": "sit_mc_local"}
     assert (evaluate / "lm_eval" / "base.json").stat().st_mtime_ns == base_mtime
-    assert resumed["stats"]["table"] == stats["table"]
+    assert resumed["stats"]["tables"]["scores"] == stats["tables"]["scores"]
 
 
 @pytest.mark.slow

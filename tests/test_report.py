@@ -68,7 +68,7 @@ def test_report_from_fixture_metrics(run_dir: Path) -> None:
     assert float(rows["base"]["trainable_params"]) == 0
 
     stats = manifest["stats"]
-    assert [r["variant"] for r in stats["table"]] == ["base", "sft", "prompt_tuning", "dpo"]
+    assert [r["variant"] for r in stats["tables"]["comparison"]] == ["base", "sft", "prompt_tuning", "dpo"]
     assert stats["missing"] == ["prompt_tuning"]
     assert stats["winners"]["sit_ifeval_local"]["variants"] == ["sft"]
     assert stats["winners"]["sit_mc_local"]["variants"] == ["dpo"]

@@ -102,7 +102,7 @@ def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
         "variants": status,
         "tasks": list(ev.tasks),
         "limit": ev.limit,
-        "table": [r for r in rows if r["primary"]],
+        "tables": {"scores": [r for r in rows if r["primary"]]},  # a Prefect table artifact
         "agent": agent,
     }
     return stage.finish(outputs, stats)
