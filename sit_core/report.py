@@ -54,8 +54,8 @@ def input_paths(cfg: SitConfig, run_dir: Path) -> list[Path]:
 
 
 def fingerprint(cfg: SitConfig) -> dict:
-    return {"variants": list(cfg.evaluation.variants), "tasks": list(cfg.evaluation.tasks),
-            "agent": cfg.evaluation.agent.enabled}
+    """The whole result-affecting config: the report describes every stage's settings."""
+    return cfg.fingerprint()
 
 
 def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:

@@ -109,8 +109,11 @@ def load_lm(model_path: str, adapter: Path | None, batch_size: int, trust_remote
             return logits[:, virtual:, :] if virtual and logits.shape[1] == inps.shape[1] + virtual else logits
 
     device, dtype = _device_and_dtype()
-    return SitHFLM(pretrained=model_path, peft=str(adapter) if adapter else None, device=device, dtype=dtype,
-                   batch_size=batch_size, trust_remote_code=trust_remote_code)
+    # Training saves its tokenizer beside the adapter; it may carry a chat template the base
+    # model lacks (a non-instruct target), and the adapter was trained with that template.
+    tokenizer = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else None
+    return SitHFLM(pretrained=model_path, peft=str(adapter) if adapter else None, tokenizer=tokenizer, device=device,
+                   dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
 
 
 def _num_virtual_tokens(model) -> int:
