@@ -13,9 +13,11 @@ from tasks.stage_tasks import stage_task_for
 
 
 def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str]) -> dict:
+    """Each stage's summary, with `cached: True` where Prefect served it from the run dir."""
     results = {}
     for stage in stages:
-        results[stage] = stage_task_for(stage, run_dir)(stage, cfg.model_dump(mode="json"), str(run_dir))
+        state = stage_task_for(stage, run_dir)(stage, cfg.model_dump(mode="json"), str(run_dir), return_state=True)
+        results[stage] = {**state.result(), "cached": state.name == "Cached"}
     return results
 
 

@@ -56,11 +56,11 @@ def run(
             overrides=overrides, stages=stages.split(",") if stages else None)
     except SitError as err:
         _fail(err)
-    console.print(f"[green]done[/]: {run_dir}")
-    _print_status(run_dir)
     for stage, summary in (result or {}).items():
-        if isinstance(summary, dict) and summary.get("status") != "done":
-            raise typer.Exit(1)
+        console.print(f"{stage}: {summary.get('status')}{' (cached)' if summary.get('cached') else ''}")
+    _print_status(run_dir)
+    if any(summary.get("status") != "done" for summary in (result or {}).values()):
+        raise typer.Exit(1)
 
 
 def _print_status(run_dir: Path) -> None:

@@ -1,0 +1,98 @@
+"""Magpie generation on the real embedded model: the pre-query template, and a run killed
+with SIGKILL mid-stage that resumes to exactly the records of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sit_core import magpie
+from sit_core.config import load_config
+from sit_core.fileio import read_jsonl
+
+OVERRIDES = ["generation.num_samples=12", "filter.target_count=6", "preference.num_pairs=3",
+             "generation.instruction_max_tokens=40", "generation.response_max_tokens=24",
+             "generation.batch_size=4", "checkpoint_interval=4"]
+
+
+def demo_cfg():
+    return load_config(None, preset="demo", profile="cpu", overrides=OVERRIDES)
+
+
+def test_pre_query_template_comes_from_the_chat_template(smollm2_path):
+    from sit_core.models import load_tokenizer
+
+    tok = load_tokenizer("embedded:smollm2-135m-instruct")
+    before, after = magpie.pre_query_template(tok, None)
+    assert before.endswith("<|im_start|>user\n") and after.startswith("<|im_end|>")
+    before_sys, _ = magpie.pre_query_template(tok, "You are a chemistry tutor.")
+    assert "You are a chemistry tutor." in before_sys and before_sys.endswith("<|im_start|>user\n")
+
+
+CHILD = """
+import sys
+from sit_core import magpie
+from sit_core.config import load_config
+cfg = load_config(None, preset="demo", profile="cpu", overrides=sys.argv[2:])
+magpie.run(cfg, sys.argv[1])
+"""
+
+
+def test_kill_and_resume_gives_identical_records(tmp_path, smollm2_path):
+    cfg = demo_cfg()
+    reference = tmp_path / "uninterrupted"
+    magpie.run(cfg, reference)
+    expected = (reference / "generate" / "generated.jsonl").read_text()
+    records = [json.loads(x) for x in expected.splitlines()]
+    assert len(records) == 12 and all(r["instruction"] and r["response"] for r in records)
+    assert len({r["instruction"].lower() for r in records}) == 12  # exact duplicates are rejected
+
+    killed = tmp_path / "killed"
+    log = killed / "generate" / "attempts.jsonl"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(killed), *OVERRIDES],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, "the child finished before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    done_before = len(read_jsonl(log))
+    assert 4 <= done_before < 12
+    with open(log, "a") as f:  # a torn last line, as from a kill mid-append
+        f.write('{"index": 99, "status": "ok", "instr')
+
+    manifest = magpie.run(cfg, killed)
+    assert (killed / "generate" / "generated.jsonl").read_text() == expected
+    assert any(e["event"] == "resumed" for e in manifest["events"])
+    assert manifest["status"] == "done"
+    # A finished stage is not redone: the second call returns without loading the model.
+    before = (killed / "generate" / "manifest.json").stat().st_mtime_ns
+    assert magpie.run(cfg, killed)["status"] == "done"
+    assert (killed / "generate" / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, smollm2_path):
+    from sit_core.errors import ResumeMismatchError
+
+    cfg = demo_cfg()
+    stage_dir = tmp_path / "generate"
+    stage_dir.mkdir()
+    from sit_core.stages import open_stage
+
+    open_stage(cfg, tmp_path, "generate")
+    other = load_config(None, preset="demo", profile="cpu", overrides=OVERRIDES + ["generation.response_temperature=0.7"])
+    with pytest.raises(ResumeMismatchError, match="generation.response_temperature"):
+        magpie.run(other, tmp_path)
+    # batch size is performance-only: a different one resumes the same work
+    faster = load_config(None, preset="demo", profile="cpu", overrides=OVERRIDES + ["generation.batch_size=2"])
+    assert magpie.fingerprint(faster) == magpie.fingerprint(cfg)
