@@ -83,7 +83,7 @@ def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
     if previous_selection is not None:
         stage.event("reselect", previous=previous_selection, current=fingerprint(cfg)["selection"])
     kept = _read_kept(kept_path(run_dir))
-    items = {spec.name: [_item(cfg, spec.name, rec, k) for rec in kept
+    items = {spec.name: [response_item(cfg, spec.name, rec, k) for rec in kept
                          for k in range(cfg.preference.responses_per_model)]
              for spec in cfg.models.response_models}
     tracker = _Tracker(stage, progress, 2 * sum(len(v) for v in items.values()))
@@ -109,7 +109,7 @@ def _read_kept(path: Path) -> list[dict]:
     return kept
 
 
-def _item(cfg: SitConfig, model_name: str, rec: dict, sample: int) -> Item:
+def response_item(cfg: SitConfig, model_name: str, rec: dict, sample: int) -> Item:
     return Item(key=f"{model_name}:{rec['id']}:{sample}", model=model_name, id=rec["id"], sample=sample,
                 instruction=rec["instruction"],
                 seed=item_seed(cfg.seed, STAGE, rec["id"], f"{model_name}:{sample}"))
