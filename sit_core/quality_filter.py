@@ -94,16 +94,28 @@ def _language_detector(code: str):
               Language.ITALIAN, Language.DUTCH, Language.RUSSIAN, Language.CHINESE, Language.JAPANESE,
               Language.KOREAN, Language.ARABIC, Language.HINDI, Language.TURKISH, Language.POLISH,
               Language.VIETNAMESE, Language.INDONESIAN, Language.SWEDISH, Language.UKRAINIAN, wanted}
-    return wanted, LanguageDetectorBuilder.from_languages(*common).with_preloaded_language_models().build()
+    # Low-accuracy mode (trigrams only) is several times faster and as accurate on texts of
+    # more than a sentence or two, which is what the filter sees.
+    return wanted, (LanguageDetectorBuilder.from_languages(*common).with_low_accuracy_mode()
+                    .with_preloaded_language_models().build())
+
+
+def _prose(record: dict) -> str:
+    # Code blocks read as no language in particular; judge the prose.
+    # The first 1,000 characters are plenty to tell the language and bound the cost.
+    return re.sub(r"```.*?```", " ", f"{record['instruction']}\n{record['response']}", flags=re.S)[:1000]
+
+
+def language_flags(records: list[dict], cfg: FilterConfig) -> list[bool]:
+    """True where a record is not in the configured language (detected in parallel, in Rust)."""
+    wanted, detector = _language_detector(cfg.language)
+    texts = [_prose(r) for r in records]
+    detected = detector.detect_languages_in_parallel_of(texts)
+    return [len(words(t)) >= 3 and lang != wanted for t, lang in zip(texts, detected)]
 
 
 def fails_language(record: dict, cfg: FilterConfig) -> bool:
-    wanted, detector = _language_detector(cfg.language)
-    # Code blocks read as no language in particular; judge the prose.
-    prose = re.sub(r"```.*?```", " ", f"{record['instruction']}\n{record['response']}", flags=re.S)
-    if len(words(prose)) < 3:
-        return False
-    return detector.detect_language_of(prose) != wanted
+    return language_flags([record], cfg)[0]
 
 
 def shingles(text: str, size: int) -> set[str]:
@@ -119,32 +131,43 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b)
 
 
+class DedupIndex:
+    """Word-set shingles and MinHash signatures of a list of texts, computed once (in bulk)
+    and queried for near-duplicates as often as needed."""
+
+    def __init__(self, texts: list[str], num_perm: int = 128, shingle_size: int = 1):
+        from datasketch import MinHash
+
+        self.num_perm = num_perm
+        self.sets = [shingles(t, shingle_size) for t in texts]
+        self.signatures = MinHash.bulk([[w.encode() for w in s] or [b""] for s in self.sets],
+                                       num_perm=num_perm, seed=1)
+        self._matches: dict[float, list[list[int]]] = {}
+
+    def earlier_matches(self, threshold: float) -> list[list[int]]:
+        """For each text, the earlier texts with Jaccard >= threshold, in index order. LSH
+        proposes candidates in O(n); each is confirmed with exact Jaccard."""
+        from datasketch import MinHashLSH
+
+        # Tuned for recall (a lower band threshold, false negatives weighted 19:1): an extra
+        # candidate costs one exact Jaccard, a missed duplicate would go unnoticed.
+        lsh = MinHashLSH(threshold=threshold * 0.8, num_perm=self.num_perm, weights=(0.05, 0.95))
+        matches: list[list[int]] = []
+        for i, (s, sig) in enumerate(zip(self.sets, self.signatures)):
+            matches.append(sorted(j for j in lsh.query(sig) if jaccard(s, self.sets[j]) >= threshold))
+            lsh.insert(i, sig)
+        return matches
+
+    def find(self, threshold: float, eligible: list[bool] | None = None) -> list[int | None]:
+        """For each text, the first earlier eligible text it near-duplicates, else None."""
+        if threshold not in self._matches:
+            self._matches[threshold] = self.earlier_matches(threshold)
+        return [next((j for j in m if eligible is None or eligible[j]), None) for m in self._matches[threshold]]
+
+
 def near_duplicates(texts: list[str], threshold: float, num_perm: int = 128, shingle_size: int = 1,
                     eligible: list[bool] | None = None) -> list[int | None]:
-    """For each text, the index of an earlier eligible text it near-duplicates, else None.
-
-    MinHash LSH proposes candidates in O(n); each is confirmed with exact Jaccard.
-    Only eligible texts are inserted as possible originals.
-    """
-    from datasketch import MinHash, MinHashLSH
-
-    # LSH is tuned for recall (a lower band threshold, false negatives weighted 19:1): the
-    # extra candidates cost one exact Jaccard each, a missed duplicate would go unnoticed.
-    lsh = MinHashLSH(threshold=threshold * 0.8, num_perm=num_perm, weights=(0.05, 0.95))
-    sets = [shingles(t, shingle_size) for t in texts]
-    out: list[int | None] = []
-    for i, s in enumerate(sets):
-        m = MinHash(num_perm=num_perm, seed=1)
-        m.update_batch([w.encode() for w in s] or [b""])
-        match = None
-        for key in sorted(lsh.query(m), key=int):
-            if jaccard(s, sets[int(key)]) >= threshold:
-                match = int(key)
-                break
-        out.append(match)
-        if eligible is None or eligible[i]:
-            lsh.insert(str(i), m)
-    return out
+    return DedupIndex(texts, num_perm, shingle_size).find(threshold, eligible)
 
 
 def exact_near_duplicates(texts: list[str], threshold: float, shingle_size: int = 1) -> list[int | None]:
@@ -172,32 +195,35 @@ def semantic_duplicates(texts: list[str], threshold: float, model_ref: str,
 # --- the stage ---------------------------------------------------------------------------
 
 
-def evaluate_rules(records: list[dict], cfg: FilterConfig) -> list[dict[str, bool]]:
+def evaluate_rules(records: list[dict], cfg: FilterConfig, index: DedupIndex) -> list[dict[str, bool]]:
     """Which rules each record fails. near_dup here is against any earlier record."""
-    flags = [{"length": fails_length(r, cfg), "repetition": fails_repetition(r, cfg),
-              "refusal": fails_refusal(r, cfg), "language": fails_language(r, cfg)} for r in records]
-    instructions = [r["instruction"] for r in records]
-    dup_any = near_duplicates(instructions, cfg.diversity.jaccard_threshold, cfg.diversity.num_perm,
-                              cfg.diversity.shingle_size)
-    for f, d in zip(flags, dup_any):
-        f["near_dup"] = d is not None
-    return flags
+    language = language_flags(records, cfg)
+    dup_any = index.find(cfg.diversity.jaccard_threshold)
+    return [{"length": fails_length(r, cfg), "repetition": fails_repetition(r, cfg), "refusal": fails_refusal(r, cfg),
+             "language": lang, "near_dup": dup is not None} for r, lang, dup in zip(records, language, dup_any)]
 
 
-def select_kept(records: list[dict], flags: list[dict[str, bool]], cfg: FilterConfig) -> tuple[list[int], dict]:
+def select_kept(records: list[dict], flags: list[dict[str, bool]], cfg: FilterConfig,
+                index: DedupIndex) -> tuple[list[int], dict]:
     clean = [not any(f[r] for r in RULES if r != "near_dup") for f in flags]
-    instructions = [r["instruction"] for r in records]
-    dup_of_kept = near_duplicates(instructions, cfg.diversity.jaccard_threshold, cfg.diversity.num_perm,
-                                  cfg.diversity.shingle_size, eligible=clean)
+    dup_of_kept = index.find(cfg.diversity.jaccard_threshold, eligible=clean)
     semantic = [None] * len(records)
     if cfg.diversity.semantic:
         eligible = [c and d is None for c, d in zip(clean, dup_of_kept)]
-        semantic = semantic_duplicates(instructions, cfg.diversity.semantic_threshold,
+        semantic = semantic_duplicates([r["instruction"] for r in records], cfg.diversity.semantic_threshold,
                                        cfg.diversity.semantic_model, eligible)
     survivors = [i for i in range(len(records)) if clean[i] and dup_of_kept[i] is None and semantic[i] is None]
     return survivors, {"near_dup_of_kept": sum(1 for c, d in zip(clean, dup_of_kept) if c and d is not None),
                        "semantic_dup": sum(1 for c, d, s in zip(clean, dup_of_kept, semantic)
                                            if c and d is None and s is not None)}
+
+
+def filter_records(records: list[dict], cfg: FilterConfig) -> tuple[list[int], list[dict[str, bool]], dict]:
+    """All rules over all records: (survivor indices, per-record flags, statistics)."""
+    index = DedupIndex([r["instruction"] for r in records], cfg.diversity.num_perm, cfg.diversity.shingle_size)
+    flags = evaluate_rules(records, cfg, index)
+    survivors, dedup = select_kept(records, flags, cfg, index)
+    return survivors, flags, {"input": len(records), "survivors": len(survivors), **rule_statistics(flags), **dedup}
 
 
 def rule_statistics(flags: list[dict[str, bool]]) -> dict:
@@ -222,9 +248,7 @@ def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
     stage = open_stage(cfg, run_dir, STAGE)
     fc = cfg.filter
     records = read_jsonl(generated_path(run_dir))
-    flags = evaluate_rules(records, fc)
-    survivors, dedup = select_kept(records, flags, fc)
-    stats = {"input": len(records), "survivors": len(survivors), **rule_statistics(flags), **dedup}
+    survivors, flags, stats = filter_records(records, fc)
     needed = fc.min_count or fc.target_count
     if len(survivors) < needed:
         worst = max(stats["flagged"], key=stats["flagged"].get)
