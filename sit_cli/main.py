@@ -137,5 +137,9 @@ def publish(run_dir: Path = typer.Option(..., "--run-dir", "-d"),
         console.print(url)
 
 
+# `sit server` and `sit deploy` (sit_cli/server.py) register themselves on `app`.
+from . import server  # noqa: E402,F401
+
+
 if __name__ == "__main__":
     app()
