@@ -22,9 +22,12 @@ from ..errors import SitError
 LOCAL_TASKS_DIR = Path(__file__).parent / "tasks"
 LOCAL_TASKS = ("sit_ifeval_local", "sit_mc_local")
 
-# The metric a task is ranked by. lm-eval lists several per task; unless named here the
-# first one in its results (the first of its metric_list) is the primary one.
-PRIMARY_METRICS = {"hellaswag": "acc_norm", "sit_mc_local": "acc"}
+# The metric a task is ranked by. lm-eval reports several per task, and its JSON, once
+# saved with sorted keys, no longer tells which its task config listed first. Tasks not
+# named here use the first metric of PRIMARY_FALLBACK they report, else the first by name.
+PRIMARY_METRICS = {"ifeval": "prompt_level_strict_acc", "sit_ifeval_local": "prompt_level_strict_acc",
+                   "hellaswag": "acc_norm", "sit_mc_local": "acc", "mmlu": "acc", "truthfulqa_mc2": "acc"}
+PRIMARY_FALLBACK = ("acc", "exact_match", "prompt_level_strict_acc", "f1", "acc_norm")
 
 
 @functools.lru_cache(maxsize=1)
@@ -154,8 +157,10 @@ def metric_rows(variant: str, result: dict) -> list[dict]:
         names = [k for k in metrics if "," in k and "_stderr" not in k and isinstance(metrics[k], (int, float))]
         if not names:
             continue
-        wanted = PRIMARY_METRICS.get(task)
-        primary = next((k for k in names if k.split(",")[0] == wanted), names[0])
+        names.sort()
+        base = {k.split(",")[0]: k for k in names}
+        wanted = [PRIMARY_METRICS.get(task), *PRIMARY_FALLBACK]
+        primary = next((base[w] for w in wanted if w in base), names[0])
         for key in names:
             rows.append({"variant": variant, "task": task, "metric": key.split(",")[0],
                          "value": float(metrics[key]), "primary": key == primary})
