@@ -31,7 +31,6 @@ from .sampling import Sampling, chat_prompt, generate, pre_query_template, stop_
 # Test hook, deliberately outside the config: a batched worker whose batch count reaches this
 # number blocks forever inside its generation call, a real hang for the watchdog to catch.
 HANG_ENV = "SIT_TEST_PREFERENCE_WORKER_HANG_AT_BATCH"
-_HEARTBEAT_EVERY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def sample_batch(lm: LoadedModel, stops: set[int], items: list[Item], sampling: 
             for it, ids in zip(items, out)]
 
 
-def _worker_main(spec: dict, trust_remote_code: bool, sampling: dict, tasks, results) -> None:
+def _worker_main(spec: dict, trust_remote_code: bool, sampling: dict, heartbeat_s: float, tasks, results) -> None:
     """Entry point of the spawned worker: load, then answer batches until told to stop."""
     try:
         lm, stops = load_response_model(ResponseModel(**spec), trust_remote_code)
@@ -89,7 +88,7 @@ def _worker_main(spec: dict, trust_remote_code: bool, sampling: dict, tasks, res
 
     def heartbeat(step: int) -> None:
         now = time.monotonic()
-        if now - last_beat[0] >= _HEARTBEAT_EVERY_S:
+        if now - last_beat[0] >= heartbeat_s:
             last_beat[0] = now
             results.put(("tick", step))
 
@@ -112,7 +111,9 @@ class BatchWorker:
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
         self.proc = ctx.Process(target=_worker_main, name=f"sit-preference-{spec.name}", daemon=True,
-                                args=(spec.model_dump(), trust_remote_code, asdict(sampling), self.tasks, self.results))
+                                args=(spec.model_dump(), trust_remote_code, asdict(sampling),
+                                      # several beats per timeout, but not one queue message per token
+                                      min(0.5, stall_timeout_s / 4), self.tasks, self.results))
         self.proc.start()
         self._wait_ready()
 

@@ -59,8 +59,26 @@ def responses_by_key(run_dir: Path) -> dict[str, str]:
     return {r["key"]: r["response"] for r in read_jsonl(run_dir / "preference" / "responses.jsonl")}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_process():
+    """Two cores shared with other test runs: torch's default two intra-op threads per process
+    spin against each other and sampling got ~20x slower than with one. OMP_NUM_THREADS
+    reaches the subprocess and the spawned worker."""
+    import torch
+
+    before_env, before = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    if before_env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = before_env
+
+
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, smollm2_path):
+def baseline(one_thread_per_process, tmp_path_factory, smollm2_path):
     run_dir = make_run_dir(tmp_path_factory.mktemp("baseline") / "run")
     calls = []
     manifest = preference.run(make_cfg(), run_dir, progress=lambda d, t: calls.append((d, t)))
