@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.logging import get_run_logger
 
@@ -88,11 +93,16 @@ def progress_reporter(stage: str, min_interval_s: float = 2.0) -> Callable[[int,
     return report
 
 
-def publish_tables(stage: str, manifest: dict) -> None:
-    """Every stage may put `tables: {name: rows}` in its stats; each becomes a table artifact."""
-    for name, rows in (manifest.get("stats") or {}).get("tables", {}).items():
+def publish_artifacts(stage: str, manifest: dict, run_dir: Path) -> None:
+    """A stage's stats may hold `tables: {name: rows}` (each becomes a table artifact) and
+    `report_md`, a run-dir-relative markdown file (a markdown artifact)."""
+    stats = manifest.get("stats") or {}
+    for name, rows in stats.get("tables", {}).items():
         create_table_artifact(table=rows, key=f"{stage}-{name}".replace("_", "-"),
                               description=f"{stage}: {name.replace('_', ' ')}")
+    if stats.get("report_md"):
+        create_markdown_artifact(markdown=(run_dir / stats["report_md"]).read_text(encoding="utf-8"),
+                                 key=f"{stage}-markdown".replace("_", "-"), description=f"{stage}: report")
 
 
 @task(
@@ -112,7 +122,7 @@ def run_stage_task(stage: str, config: dict, run_dir: str) -> dict:
     logger = get_run_logger()
     logger.info("stage %s: starting in %s", stage, run_dir)
     manifest = execute_stage(cfg, Path(run_dir), stage, progress_reporter(stage))
-    publish_tables(stage, manifest)
+    publish_artifacts(stage, manifest, Path(run_dir))
     logger.info("stage %s: %s", stage, manifest.get("status"))
     return {"stage": stage, "status": manifest.get("status"), "outputs": manifest.get("outputs", {}),
             "stats": {k: v for k, v in (manifest.get("stats") or {}).items() if k != "tables"}}
