@@ -157,7 +157,7 @@ def _sample_responses(cfg: SitConfig, stage: StageRun, items: dict[str, list[Ite
     total = sum(len(v) for v in items.values())
     bar = tqdm(total=total, initial=len(responses), desc="preference responses", unit="response")
     batched = p.generation_batch_size > 1
-    new_tokens, started = 0, time.perf_counter()
+    new_tokens, load_seconds, started = 0, 0.0, time.perf_counter()
 
     def record(records: list[dict]) -> None:
         nonlocal new_tokens
@@ -173,7 +173,7 @@ def _sample_responses(cfg: SitConfig, stage: StageRun, items: dict[str, list[Ite
         sampling = Sampling(spec.temperature, spec.top_p, p.max_new_tokens)
         if batched:
             try:
-                _sample_batched(cfg, spec, items[spec.name], responses, sampling, record)
+                load_seconds += _sample_batched(cfg, spec, items[spec.name], responses, sampling, record)
             except WorkerFailed as e:
                 # The seeds' batched notebook deadlocked for good; stable mode never did. The
                 # items of the unfinished batch are simply still missing from the log.
@@ -183,7 +183,9 @@ def _sample_responses(cfg: SitConfig, stage: StageRun, items: dict[str, list[Ite
                 batched = False
         todo = [it for it in items[spec.name] if it.key not in responses]
         if todo:
+            loading = time.perf_counter()
             lm, stops = load_response_model(spec, cfg.models.trust_remote_code)
+            load_seconds += time.perf_counter() - loading
             try:
                 for it in todo:  # stable mode: one item per generation call
                     record(sample_batch(lm, stops, [it], sampling))
@@ -193,13 +195,18 @@ def _sample_responses(cfg: SitConfig, stage: StageRun, items: dict[str, list[Ite
     bar.close()
     elapsed = time.perf_counter() - started
     if new_tokens:
-        stage.event("generated", tokens=new_tokens, seconds=round(elapsed, 2),
-                    tokens_per_sec=round(new_tokens / elapsed, 2), batch_size=p.generation_batch_size)
+        # Loads (and worker start-up) are a fixed cost per model; sampling throughput excludes them.
+        stage.event("generated", tokens=new_tokens, seconds=round(elapsed, 2), load_seconds=round(load_seconds, 2),
+                    tokens_per_sec=round(new_tokens / elapsed, 2),
+                    sampling_tokens_per_sec=round(new_tokens / max(elapsed - load_seconds, 1e-9), 2),
+                    batch_size=p.generation_batch_size)
 
 
 def _sample_batched(cfg: SitConfig, spec, items: list[Item], responses: dict[str, dict],
-                    sampling: Sampling, record) -> None:
-    """Batches are fixed slices of the model's item list. A slice that is partly logged (a
+                    sampling: Sampling, record) -> float:
+    """Sample with a worker process; returns its start-up time (spawn and model load).
+
+    Batches are fixed slices of the model's item list. A slice that is partly logged (a
     kill tore its append) is sampled whole again and only its missing records are kept, so
     every row sees the same batch mates, and padding, as in an uninterrupted run."""
     p = cfg.preference
@@ -207,8 +214,10 @@ def _sample_batched(cfg: SitConfig, spec, items: list[Item], responses: dict[str
     batches = [items[i:i + size] for i in range(0, len(items), size)]
     pending = [b for b in batches if any(it.key not in responses for it in b)]
     if not pending:
-        return
+        return 0.0
+    starting = time.perf_counter()
     worker = BatchWorker(spec, cfg.models.trust_remote_code, sampling, p.stall_timeout_s)
+    startup = time.perf_counter() - starting
     try:
         for batch in pending:
             record([r for r in worker.run(batch) if r["key"] not in responses])
@@ -216,6 +225,7 @@ def _sample_batched(cfg: SitConfig, spec, items: list[Item], responses: dict[str
         worker.kill()
         raise
     worker.close()
+    return startup
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ Two ways to run the same `sample_batch`:
 - **stable** (in this process, one item per call): what the seeds' STABLE notebook did after
   the batched notebook deadlocked inside `model.generate()`.
 - **batched** (`BatchWorker`): a spawned worker process loads the model and samples whole
-  batches. The parent watches a heartbeat the worker sends after every decoding step; when
-  none arrives for `stall_timeout_s` it SIGKILLs the worker. A hang in C code (the seeds'
+  batches. The worker sends a heartbeat from its decoding loop (a few per stall timeout);
+  when none arrives for `stall_timeout_s` the parent SIGKILLs the worker. A hang in C code (the seeds'
   deadlock) cannot be interrupted from inside the process, but a separate process can
   always be killed.
 
