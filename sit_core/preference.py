@@ -156,7 +156,8 @@ def _sample_responses(cfg: SitConfig, stage: StageRun, items: dict[str, list[Ite
     log_path = stage.dir / RESPONSES
     total = sum(len(v) for v in items.values())
     bar = tqdm(total=total, initial=len(responses), desc="preference responses", unit="response")
-    batched = p.generation_batch_size > 1
+    # A stall recorded before a restart still counts: the stage stays in stable mode.
+    batched = p.generation_batch_size > 1 and not any(e["event"] == "stall" for e in stage.manifest["events"])
     new_tokens, load_seconds, started = 0, 0.0, time.perf_counter()
 
     def record(records: list[dict]) -> None:
