@@ -92,7 +92,7 @@ def server(host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 to list
     # systemd stops the service with SIGTERM: pass it on so the server shuts down cleanly.
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
-        wait_until_healthy(url, proc)
+        wait_until_healthy(f"http://127.0.0.1:{port}" if host == "0.0.0.0" else url, proc)
         shown = url if host != "0.0.0.0" else f"http://<this machine's address>:{port}"
         console.print(f"[bold green]Prefect UI:[/] {shown}")
         console.print(f"clients (sit run, workers, notebooks): export PREFECT_API_URL={shown}/api")
