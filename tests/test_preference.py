@@ -228,7 +228,8 @@ def test_changed_margin_reselects_from_logs_and_too_few_pairs_is_a_clear_error(b
     assert (run_dir / "preference/pairs.jsonl").read_bytes() == (base_dir / "preference/pairs.jsonl").read_bytes()
 
 
-def test_response_model_that_fails_to_load_is_named_and_other_work_stays(baseline, tmp_path):
+@pytest.mark.parametrize("batch", [1, 2], ids=["stable", "batched-worker"])
+def test_response_model_that_fails_to_load_is_named_and_other_work_stays(baseline, tmp_path, batch):
     base_dir = baseline[0]
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -240,9 +241,11 @@ def test_response_model_that_fails_to_load_is_named_and_other_work_stays(baselin
     (run_dir / "preference").mkdir()
     (run_dir / "preference/responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in greedy))
     with pytest.raises(SitError) as err:
-        preference.run(make_cfg(f"models.response_models={json.dumps(models)}"), run_dir)
+        preference.run(make_cfg(f"models.response_models={json.dumps(models)}",
+                                f"preference.generation_batch_size={batch}"), run_dir)
     assert "response model 'broken'" in str(err.value) and str(broken) in str(err.value)
     assert [r["key"] for r in read_jsonl(run_dir / "preference/responses.jsonl")] == [r["key"] for r in greedy]
+    assert multiprocessing.active_children() == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,3 +300,19 @@ def test_judge_scores_are_probabilities_and_long_inputs_truncate(smollm2_path):
     scores = judge.score([("What is 2+2?", "4"), ("Tell me a story. " * 300, "Once upon a time " * 500)])
     assert all(0.0 < s < 1.0 for s in scores)
     judge.close()
+
+
+def test_stall_before_a_restart_keeps_the_resumed_stage_in_stable_mode(baseline, tmp_path, monkeypatch):
+    from sit_core.stages import open_stage
+
+    base_dir = baseline[0]
+    run_dir = make_run_dir(tmp_path / "run")
+    cfg = make_cfg("preference.generation_batch_size=2", "preference.stall_timeout_s=2")
+    open_stage(cfg, run_dir, "preference").event("stall", model="greedy", reason="before the restart",
+                                                 stall_timeout_s=2, fallback="stable")
+    greedy = [r for r in read_jsonl(base_dir / "preference/responses.jsonl") if r["model"] == "greedy"]
+    (run_dir / "preference/responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in greedy))
+    monkeypatch.setenv(HANG_ENV, "1")  # a worker, if one were started, would hang at once
+    manifest = preference.run(cfg, run_dir)
+    assert [e["reason"] for e in manifest["events"] if e["event"] == "stall"] == ["before the restart"]
+    assert responses_by_key(run_dir) == responses_by_key(base_dir)
