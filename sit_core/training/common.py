@@ -458,7 +458,10 @@ def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable
     # The Trainer's own training_loss covers only the last session after a resume; the
     # logged losses span the whole run (each is the mean over its logging window).
     train_loss = sum(train_losses) / len(train_losses) if train_losses else None
-    eval_loss = trainer.evaluate()["eval_loss"]
+    step = trainer.state.global_step
+    # The last periodic evaluation usually fell on the final step; evaluate only if it did not.
+    final_eval = [h["eval_loss"] for h in history if "eval_loss" in h and h["step"] == step]
+    eval_loss = final_eval[-1] if final_eval else trainer.evaluate()["eval_loss"]
     history = trainer.state.log_history
     clock = stage_cb.totals()
     tokens = trainer.state.num_input_tokens_seen
@@ -470,7 +473,7 @@ def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable
         "method": method.stage,
         "train_loss": train_loss,
         "eval_loss": eval_loss,
-        "total_steps": trainer.state.global_step,
+        "total_steps": step,
         "training_time_minutes": clock["wall_s"] / 60,
         "trainable_params": trainable,
         "total_params": total,
@@ -501,7 +504,7 @@ def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable
                           "gradient_accumulation_steps": grad_accum, "learning_rate": method.learning_rate,
                           "warmup_ratio": method.warmup_ratio, "lr_scheduler_type": cfg.training.lr_scheduler_type,
                           "precision": hw.precision, "qlora": hw.qlora, "seed": cfg.seed},
-        "results": {"train_loss": train_loss, "eval_loss": eval_loss, "total_steps": trainer.state.global_step},
+        "results": {"train_loss": train_loss, "eval_loss": eval_loss, "total_steps": step},
         "timestamp": _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
     })
     atomic_write_json(run.dir / "metrics.json", metrics)
