@@ -69,8 +69,10 @@ def generate(
     step_ids = input_ids
     for step in range(sampling.max_new_tokens):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        # logits_to_keep=1: only the last position is sampled from, and the prompt's
+        # full-vocabulary logits would dominate the prefill's cost.
         out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
-                    past_key_values=past, use_cache=True)
+                    past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         logits = out.logits[:, -1, :]
         next_ids = []
