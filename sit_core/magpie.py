@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -48,12 +49,12 @@ def _normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 
 
-def _load_log(log_path: Path, batch_size: int) -> list[dict]:
+def _load_log(log_path: Path, batch_size: int, first_index: int = 0) -> list[dict]:
     """Attempts so far, cut back to the last whole batch so batches keep their index ranges."""
     attempts = read_jsonl(log_path, repair=True)
-    for expected, rec in enumerate(attempts):
+    for expected, rec in enumerate(attempts, start=first_index):
         if rec.get("index") != expected:
-            raise ValueError(f"{log_path} is out of order at line {expected + 1}: the log is corrupt")
+            raise ValueError(f"{log_path} is out of order at line {expected - first_index + 1}: the log is corrupt")
     whole = len(attempts) - len(attempts) % batch_size
     if whole != len(attempts):
         attempts = attempts[:whole]
@@ -65,6 +66,38 @@ def _line(record: dict) -> str:
     import json
 
     return json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+@dataclass
+class _Generator:
+    lm: object
+    query_prefix: list[int]
+    stops: set[int]
+    instr_sampling: Sampling
+    resp_sampling: Sampling
+
+
+def _load_generator(cfg: SitConfig) -> _Generator:
+    gen = cfg.generation
+    lm = load_causal_lm(cfg.models.generator, load_in_4bit=cfg.models.generator_4bit,
+                        trust_remote_code=cfg.models.trust_remote_code)
+    tok = lm.tokenizer
+    before, after = pre_query_template(tok, gen.system_prompt)
+    return _Generator(lm, tok(before, add_special_tokens=False)["input_ids"], stop_token_ids(lm.model, tok, after),
+                      Sampling(gen.instruction_temperature, gen.instruction_top_p, gen.instruction_max_tokens),
+                      Sampling(gen.response_temperature, gen.response_top_p, gen.response_max_tokens))
+
+
+def _dedup(rec: dict, seen: set[str]) -> dict:
+    """An instruction accepted at an earlier index makes this one a duplicate (the first one wins,
+    so the outcome depends on index order only)."""
+    if rec["status"] != "ok":
+        return rec
+    key = _normalize(rec["instruction"])
+    if key in seen:
+        return {"index": rec["index"], "status": "duplicate", "instruction": rec["instruction"]}
+    seen.add(key)
+    return rec
 
 
 def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
@@ -81,31 +114,20 @@ def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
     total_tokens, started = 0, time.perf_counter()
 
     if len(accepted) < gen.num_samples and len(attempts) < max_attempts:
-        lm = load_causal_lm(cfg.models.generator, load_in_4bit=cfg.models.generator_4bit,
-                            trust_remote_code=cfg.models.trust_remote_code)
-        tok = lm.tokenizer
-        before, after = pre_query_template(tok, gen.system_prompt)
-        query_prefix = tok(before, add_special_tokens=False)["input_ids"]
-        stops = stop_token_ids(lm.model, tok, after)
-        instr_sampling = Sampling(gen.instruction_temperature, gen.instruction_top_p, gen.instruction_max_tokens)
-        resp_sampling = Sampling(gen.response_temperature, gen.response_top_p, gen.response_max_tokens)
+        generator = _load_generator(cfg)
         bar = tqdm(total=gen.num_samples, initial=len(accepted), desc="magpie", unit="sample")
         pending: list[dict] = []
         next_index = len(attempts)
         while len(accepted) < gen.num_samples and next_index < max_attempts:
             indices = list(range(next_index, next_index + batch))
             next_index += batch
-            records, n_tokens = _generate_batch(cfg, lm, query_prefix, stops, instr_sampling, resp_sampling, indices)
+            records, n_tokens = _generate_batch(cfg, generator, indices)
             total_tokens += n_tokens
             for rec in records:
+                rec = _dedup(rec, seen)
                 if rec["status"] == "ok":
-                    key = _normalize(rec["instruction"])
-                    if key in seen:
-                        rec = {"index": rec["index"], "status": "duplicate", "instruction": rec["instruction"]}
-                    else:
-                        seen.add(key)
-                        accepted.append(rec)
-                        bar.update(1)
+                    accepted.append(rec)
+                    bar.update(1)
                 pending.append(rec)
             if len(pending) >= cfg.checkpoint_interval or len(accepted) >= gen.num_samples:
                 append_jsonl(log_path, pending)
@@ -118,18 +140,76 @@ def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
             append_jsonl(log_path, pending)
             attempts.extend(pending)
         bar.close()
-        release(lm.model)
+        release(generator.lm.model)
         elapsed = time.perf_counter() - started
         stage.event("generated", tokens=total_tokens, seconds=round(elapsed, 2),
                     tokens_per_sec=round(total_tokens / elapsed, 2) if elapsed else None)
 
-    return _finish(cfg, stage, attempts, accepted)
+    return finish(cfg, stage, attempts, accepted)
 
 
-def _generate_batch(cfg, lm, query_prefix, stops, instr_sampling, resp_sampling, indices) -> tuple[list[dict], int]:
+def generate_range(cfg: SitConfig, log_path: Path, start: int, end: int, progress: Progress = None) -> list[dict]:
+    """Raw attempts for indices [start, end) into their own log, for sharded generation.
+
+    The batches are the index ranges run() uses (start and end are multiples of batch_size), so
+    each record is the one a single-process run writes for that index. Duplicates are not marked
+    here: that depends on all earlier indices, so replay() does it over the merged shards."""
+    batch = cfg.generation.batch_size
+    if start % batch or end % batch:
+        raise ValueError(f"shard [{start}, {end}) is not aligned to generation.batch_size={batch}")
+    records = _load_log(Path(log_path), batch, first_index=start)
+    if start + len(records) < end:
+        generator = _load_generator(cfg)
+        pending: list[dict] = []
+        next_index = start + len(records)
+        while next_index < end:
+            batch_records, _ = _generate_batch(cfg, generator, list(range(next_index, next_index + batch)))
+            pending.extend(batch_records)
+            next_index += batch
+            if len(pending) >= cfg.checkpoint_interval or next_index >= end:
+                append_jsonl(log_path, pending)
+                records.extend(pending)
+                pending = []
+                if progress:
+                    progress(len(records), end - start)
+        release(generator.lm.model)
+    return records
+
+
+@dataclass
+class Replay:
+    attempts: list[dict]
+    accepted: list[dict]
+    complete: bool  # run() would have stopped within these records
+
+
+def replay(cfg: SitConfig, records: list[dict]) -> Replay:
+    """What run() logs, given raw attempts 0..n-1 in index order (from generate_range): duplicates
+    marked, cut after the batch in which run() stops (enough accepted, or out of attempts)."""
+    gen = cfg.generation
+    max_attempts = int(gen.num_samples * gen.max_attempts_factor)
+    attempts: list[dict] = []
+    accepted: list[dict] = []
+    seen: set[str] = set()
+    for first in range(0, len(records) - len(records) % gen.batch_size, gen.batch_size):
+        if len(accepted) >= gen.num_samples or first >= max_attempts:
+            break
+        for rec in records[first:first + gen.batch_size]:
+            rec = _dedup(rec, seen)
+            if rec["status"] == "ok":
+                accepted.append(rec)
+            attempts.append(rec)
+    complete = len(accepted) >= gen.num_samples or len(attempts) >= max_attempts
+    return Replay(attempts, accepted, complete)
+
+
+def _generate_batch(cfg, generator: _Generator, indices) -> tuple[list[dict], int]:
+    lm, stops = generator.lm, generator.stops
+    instr_sampling, resp_sampling = generator.instr_sampling, generator.resp_sampling
     tok = lm.tokenizer
     seeds = [item_seed(cfg.seed, STAGE, i, "instruction") for i in indices]
-    instr_ids = generate(lm.model, [query_prefix] * len(indices), seeds, instr_sampling, stops, tok.pad_token_id)
+    instr_ids = generate(lm.model, [generator.query_prefix] * len(indices), seeds, instr_sampling, stops,
+                         tok.pad_token_id)
     n_tokens = sum(len(ids) for ids in instr_ids)
     records: list[dict] = []
     to_answer = []
@@ -155,7 +235,8 @@ def _generate_batch(cfg, lm, query_prefix, stops, instr_sampling, resp_sampling,
     return records, n_tokens
 
 
-def _finish(cfg: SitConfig, stage: StageRun, attempts: list[dict], accepted: list[dict]) -> dict:
+def finish(cfg: SitConfig, stage: StageRun, attempts: list[dict], accepted: list[dict]) -> dict:
+    """Write generated.jsonl and stats.json from the attempt log and close the stage."""
     gen = cfg.generation
     by_status: dict[str, int] = {}
     for rec in attempts:
