@@ -49,6 +49,11 @@ def run(
         if run_dir is None:
             name = load_config(config, preset=preset, profile=profile or "cpu", overrides=overrides).run_name
             run_dir = Path("runs") / name
+        from sit_core.pipeline import check_run
+
+        # Configuration, model, lock and run.json mistakes: one clear error, before Prefect starts.
+        check_run(run_dir, str(config) if config else None, preset=preset, profile=profile, overrides=overrides,
+                  stages=stages.split(",") if stages else None)
         from flows.pipeline import synthetic_instruction_tuner
 
         result = synthetic_instruction_tuner(

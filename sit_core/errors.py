@@ -24,3 +24,7 @@ class RunLockedError(SitError):
 
 class ResumeMismatchError(SitError):
     """The run directory holds work made with a different configuration."""
+
+
+class CorruptFileError(SitError, ValueError):
+    """A run-directory file is damaged beyond the documented recovery (a torn last line)."""

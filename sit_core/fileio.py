@@ -93,7 +93,12 @@ def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
         except json.JSONDecodeError:
             if is_last or all(not rest.strip() for rest in lines[i + 1 :]):
                 break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON and is not the last line: the file is corrupt") from None
+            from .errors import CorruptFileError
+
+            raise CorruptFileError(
+                f"{path}: line {i + 1} is not valid JSON and is not the last line: the file is corrupt",
+                "restore it (from the hub mirror or a backup), or discard its stage with `sit reset RUN_DIR STAGE` "
+                "and rerun to recompute it") from None
         if is_last:  # a complete record without its newline: still a torn write
             records.pop()
             break

@@ -15,8 +15,7 @@ from typing import Iterator
 
 from .config import STAGE_ORDER, SitConfig, check_models, load_config
 from .errors import ConfigError
-from .fileio import read_json
-from .rundir import RUN_RECORD, RunLock, ensure_writable, record_run
+from .rundir import RUN_RECORD, RunLock, check_run_record, check_unlocked, ensure_writable, load_run_record, record_run
 from .stages import STAGE_MODULES, Progress, run_stage
 
 log = logging.getLogger("sit")
@@ -41,7 +40,7 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
     later `sit run --run-dir D` continues with the same settings, re-detecting the hardware)."""
     record = Path(run_dir) / RUN_RECORD
     if config is None and preset is None and record.exists():
-        source = read_json(record).get("source") or {}
+        source = load_run_record(run_dir).get("source") or {}
         config, preset = source.get("config"), source.get("preset")
         overrides = list(source.get("overrides") or []) + list(overrides or [])
     source = {"config": config if isinstance(config, dict) else None, "preset": preset,
@@ -63,6 +62,26 @@ def mirror_for(cfg: SitConfig, run_dir: Path):
     return HubMirror(cfg.hub_repo, run_dir)
 
 
+def check_run(run_dir: str | Path, config: dict | str | Path | None = None, *, preset: str | None = None,
+              profile: str | None = None, overrides: list[str] | None = None,
+              stages: list[str] | None = None) -> tuple[Path, SitConfig, dict, list[str]]:
+    """Every check that needs no lock and loads no model: a writable run directory, the
+    config and its stages, the models, no live holder of the run directory, and a config
+    that matches run.json. `sit run` calls it before starting Prefect, so a mistake is one
+    clear error, not a failed flow run. Returns (run_dir, cfg, source, stages to run)."""
+    path = ensure_writable(Path(run_dir))
+    cfg, source = resolve_config(path, config, preset, profile, overrides)
+    wanted = stages or cfg.stages
+    unknown = [s for s in wanted if s not in STAGE_ORDER]
+    if unknown:
+        raise ConfigError(f"unknown stage(s): {', '.join(unknown)}", f"stages are: {', '.join(STAGE_ORDER)}")
+    todo = [s for s in STAGE_ORDER if s in wanted and s in available_stages()]
+    check_models(cfg, todo)
+    check_unlocked(path)
+    check_run_record(path, cfg)
+    return path, cfg, source, todo
+
+
 @contextlib.contextmanager
 def prepare_run(run_dir: str | Path, config: dict | str | Path | None = None, *, preset: str | None = None,
                 profile: str | None = None, overrides: list[str] | None = None,
@@ -73,14 +92,8 @@ def prepare_run(run_dir: str | Path, config: dict | str | Path | None = None, *,
     from .secrets import install_log_redaction
 
     install_log_redaction()
-    path = ensure_writable(Path(run_dir))
-    cfg, source = resolve_config(path, config, preset, profile, overrides)
-    wanted = stages or cfg.stages
-    unknown = [s for s in wanted if s not in STAGE_ORDER]
-    if unknown:
-        raise ConfigError(f"unknown stage(s): {', '.join(unknown)}", f"stages are: {', '.join(STAGE_ORDER)}")
-    todo = [s for s in STAGE_ORDER if s in wanted and s in available_stages()]
-    check_models(cfg, todo)
+    path, cfg, source, todo = check_run(run_dir, config, preset=preset, profile=profile, overrides=overrides,
+                                        stages=stages)
     with RunLock(path):
         opened = OpenRun(cfg, path, todo)
         mirror = mirror_for(cfg, path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from .config import SitConfig
-from .errors import ResumeMismatchError, RunLockedError, SitError
+from .errors import CorruptFileError, ResumeMismatchError, RunLockedError, SitError
 from .fileio import atomic_write_json, read_json, sha256_json
 
 LOCK_NAME = ".sit.lock"
@@ -55,6 +55,27 @@ def _holder_alive(holder: dict) -> bool:
     return time.time() - float(holder.get("heartbeat", 0)) < STALE_AFTER_S
 
 
+def _locked_error(path: Path, holder: dict) -> RunLockedError:
+    return RunLockedError(
+        f"run directory {path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} "
+        f"(command: {holder.get('command', '?')})",
+        "wait for that run to finish or stop it; a lock left by a dead process is taken over automatically",
+    )
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Raise RunLockedError if another live process holds the run directory. A look, not a
+    lock: `sit run` calls it to refuse at once, before starting Prefect; RunLock decides."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return
+    if holder and (holder.get("pid"), holder.get("host")) != (os.getpid(), socket.gethostname()) \
+            and _holder_alive(holder):
+        raise _locked_error(path, holder)
+
+
 class RunLock:
     """Exclusive ownership of a run directory, released on exit (and by the OS on a crash:
     a dead holder is detected from its pid and start time)."""
@@ -82,11 +103,7 @@ class RunLock:
                 if holder.get("pid") == mine["pid"] and holder.get("host") == mine["host"]:
                     return self  # re-entrant within one process (a flow calling a sub-flow)
                 if holder and _holder_alive(holder):
-                    raise RunLockedError(
-                        f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} "
-                        f"(command: {holder.get('command', '?')})",
-                        "wait for that run to finish or stop it; a lock left by a dead process is taken over automatically",
-                    )
+                    raise _locked_error(self.path, holder)
                 # Stale: replace atomically, then confirm we won against a concurrent taker.
                 self.took_over = holder
                 atomic_write_json(self.path, mine)
@@ -136,13 +153,23 @@ def record_run(run_dir: Path, cfg: SitConfig, source: dict | None = None) -> Non
     what lets a run started on a T4 continue on an A100.
     """
     path = Path(run_dir) / RUN_RECORD
+    fingerprint, new_hash = check_run_record(run_dir, cfg)
+    atomic_write_json(path, {"fingerprint_hash": new_hash, "fingerprint": fingerprint,
+                             "config": cfg.model_dump(mode="json"), "source": source or {}})
+
+
+
+def check_run_record(run_dir: Path, cfg: SitConfig) -> tuple[dict, str]:
+    """Refuse a config whose result-affecting part differs from run.json's. Returns the
+    fingerprint and its hash (what record_run writes)."""
+    path = Path(run_dir) / RUN_RECORD
     fingerprint = cfg.fingerprint()
     fingerprint.pop("stages", None)
     fingerprint.pop("profile", None)
     fingerprint.pop("hub_repo", None)
     new_hash = sha256_json(fingerprint)
     if path.exists():
-        old = read_json(path)
+        old = load_run_record(run_dir)
         if old.get("fingerprint_hash") != new_hash:
             from .manifest import _diff_keys
 
@@ -152,6 +179,19 @@ def record_run(run_dir: Path, cfg: SitConfig, source: dict | None = None) -> Non
                 "use a new --run-dir for new settings; to continue this run, pass the same config "
                 "(the resolved one is in run.json; performance-only fields such as batch sizes may differ)",
             )
-    atomic_write_json(path, {"fingerprint_hash": new_hash, "fingerprint": fingerprint,
-                             "config": cfg.model_dump(mode="json"), "source": source or {}})
+    return fingerprint, new_hash
 
+
+def load_run_record(run_dir: Path) -> dict:
+    """run.json, or a clear error when it was damaged (it is only ever written atomically,
+    so damage means a hand edit or a bad copy)."""
+    path = Path(run_dir) / RUN_RECORD
+    try:
+        record = read_json(path)
+    except ValueError as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e})",
+                               "restore run.json (from the hub mirror or a backup), or delete it to record the "
+                               "config given now") from None
+    if not isinstance(record, dict):
+        raise CorruptFileError(f"{path} does not hold a JSON object", "restore run.json, or delete it")
+    return record
