@@ -7,6 +7,7 @@ baseline the orchestration benchmark compares against).
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .config import STAGE_ORDER, SitConfig, check_models, load_config
-from .errors import ConfigError
+from .errors import ConfigError, SitError
 from .rundir import RUN_RECORD, RunLock, check_run_record, check_unlocked, ensure_writable, load_run_record, record_run
 from .stages import STAGE_MODULES, Progress, run_stage
 
@@ -110,7 +111,20 @@ def prepare_run(run_dir: str | Path, config: dict | str | Path | None = None, *,
 
 
 def execute_stage(cfg: SitConfig, run_dir: Path, stage: str, progress: Progress = None) -> dict:
-    """Run one stage; with a hub mirror, sync every checkpoint_interval items and at the end."""
+    """Run one stage; with a hub mirror, sync every checkpoint_interval items and at the end.
+    A full disk becomes a SitError: every write is atomic or an fsynced append, so what was
+    written before it stays valid and the same command resumes once there is space."""
+    try:
+        return _execute_stage(cfg, run_dir, stage, progress)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SitError(f"stage '{stage}': no space left on the device of {run_dir}",
+                       "free some space there (or move the run directory), then rerun the same command: finished "
+                       "work is kept and the stage resumes from its last checkpoint") from None
+
+
+def _execute_stage(cfg: SitConfig, run_dir: Path, stage: str, progress: Progress = None) -> dict:
     mirror = mirror_for(cfg, run_dir)
     if mirror is None:
         return run_stage(cfg, run_dir, stage, progress)
