@@ -95,10 +95,11 @@ def log_tail(log_path: Path, chars: int = 4000) -> str:
     return text[-chars:]
 
 
-def run_uninterrupted(run_dir: Path, prefect_home: Path, log_path: Path, timeout_s: float = 1800) -> float:
+def run_uninterrupted(run_dir: Path, prefect_home: Path, log_path: Path, timeout_s: float = 1800,
+                      overrides: list[str] = OVERRIDES) -> float:
     """The reference run. Returns its wall time in seconds."""
     t0 = time.monotonic()
-    proc = start_session(sit_run_command(run_dir), session_env(prefect_home), log_path)
+    proc = start_session(sit_run_command(run_dir, overrides), session_env(prefect_home), log_path)
     try:
         rc = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -169,7 +170,8 @@ def _wait_for_stage_write(proc: subprocess.Popen, run_dir: Path, stage: str, sin
 def run_with_kills(run_dir: Path, prefect_home: Path, log_path: Path, *, seed: int, kills: int,
                    on_first_session: Callable[[subprocess.Popen], str | None] | None = None,
                    after_kill: Callable[[Kill, subprocess.Popen], None] | None = None,
-                   session_timeout_s: float = 1800, say: Callable[[str], None] = print) -> ChaosResult:
+                   session_timeout_s: float = 1800, say: Callable[[str], None] = print,
+                   overrides: list[str] = OVERRIDES) -> ChaosResult:
     """Run the pipeline into run_dir, SIGKILLing it `kills` times per the seeded schedule,
     restarting the same command each time, then letting it finish. `on_first_session` runs
     once while the first session is alive (its return value is kept as refused_second_run);
@@ -177,7 +179,7 @@ def run_with_kills(run_dir: Path, prefect_home: Path, log_path: Path, *, seed: i
     rng = random.Random(seed)
     schedule = plan_kills(rng, kills)
     say(f"chaos seed {seed}: kill schedule {schedule}")
-    cmd, env = sit_run_command(run_dir), session_env(prefect_home)
+    cmd, env = sit_run_command(run_dir, overrides), session_env(prefect_home)
     done_kills: list[Kill] = []
     refused = None
     t_start = time.monotonic()
