@@ -71,9 +71,11 @@ def test_flow_run_page_lists_stage_task_runs_and_artifacts(tmp_path, smollm2_pat
         assert run["state"] == "COMPLETED"
 
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium,
-                                         args=[*CHROMIUM_ARGS, f"--user-data-dir={tmp_path / 'chromium'}"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            # A persistent context is how Playwright takes a fresh --user-data-dir of our choosing.
+            browser = pw.chromium.launch_persistent_context(tmp_path / "chromium", executable_path=chromium,
+                                                            args=CHROMIUM_ARGS, headless=True,
+                                                            viewport={"width": 1400, "height": 1000})
+            page = browser.new_page()
             page.goto(f"{url}/runs/flow-run/{run['id']}")
             expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)
 
