@@ -100,6 +100,10 @@ def publish_artifacts(stage: str, manifest: dict, run_dir: Path) -> None:
     for name, rows in stats.get("tables", {}).items():
         create_table_artifact(table=rows, key=f"{stage}-{name}".replace("_", "-"),
                               description=f"{stage}: {name.replace('_', ' ')}")
+    metrics = run_dir / stage / "metrics.json"  # the training stages' efficiency metrics
+    if metrics.exists():
+        create_table_artifact(table=[json.loads(metrics.read_text())], key=f"{stage}-metrics".replace("_", "-"),
+                              description=f"{stage}: efficiency metrics and losses (curves: {stage}/curves.png)")
     if stats.get("report_md"):
         create_markdown_artifact(markdown=(run_dir / stats["report_md"]).read_text(encoding="utf-8"),
                                  key=f"{stage}-markdown".replace("_", "-"), description=f"{stage}: report")
