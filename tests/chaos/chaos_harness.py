@@ -292,7 +292,12 @@ def duplicate_records(run_dir: Path) -> list[str]:
         lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
         if len(set(lines)) != len(lines):
             problems.append(f"{rel}: {len(lines) - len(set(lines))} repeated line(s)")
-        records = [json.loads(x) for x in lines]
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass  # unparseable_files reports it
         for key in ("index", "instruction", "prompt"):
             values = [json.dumps(r[key], sort_keys=True) for r in records if key in r]
             if rel in DATASETS and values and len(set(values)) != len(values):
