@@ -34,6 +34,10 @@ def prefect_cli(*args: str) -> list[str]:
 
 def start_server(host: str, port: int, env: dict | None = None, log_path: Path | None = None) -> subprocess.Popen:
     """Start `prefect server start` as a child process; it serves the API under /api and the UI at /."""
+    env = dict(os.environ if env is None else env)
+    # The UI's pages call the API at PREFECT_UI_API_URL, which does not follow --port (it defaults
+    # to port 4200). Behind 0.0.0.0, set it to the address browsers use (deployments/README.md).
+    env.setdefault("PREFECT_UI_API_URL", f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/api")
     out = open(log_path, "ab") if log_path else None
     return subprocess.Popen(prefect_cli("server", "start", "--host", host, "--port", str(port)),
                             env=env, stdout=out, stderr=subprocess.STDOUT if out else None)

@@ -79,12 +79,12 @@ def test_flow_run_page_lists_stage_task_runs_and_artifacts(tmp_path, smollm2_pat
             page.goto(f"{url}/runs/flow-run/{run['id']}")
             expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)
 
-            page.get_by_role("tab", name="Task Runs").click()
+            page.get_by_text("Task Runs", exact=True).click()
             for stage in ("generate", "filter"):
                 expect(page.get_by_text(stage, exact=True).first).to_be_visible(timeout=30_000)
             page.screenshot(path=str(OUTPUT_DIR / "flow_run.png"), full_page=True)
 
-            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("Artifacts", exact=True).click()
             # The progress artifact of each stage and the filter's rule table.
             for key in ("generate-progress", "filter-progress", "filter-rule-statistics"):
                 expect(page.get_by_text(key).first).to_be_visible(timeout=30_000)
