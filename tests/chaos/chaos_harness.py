@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from sit_core.config import STAGE_ORDER  # noqa: E402
-from sit_core.fileio import read_json, read_jsonl  # noqa: E402
+from sit_core.fileio import read_jsonl  # noqa: E402
 from sit_core.manifest import output_problems, read_manifest, stage_summary  # noqa: E402
 from sit_core.rundir import LOCK_NAME  # noqa: E402
 
@@ -259,8 +259,8 @@ def unparseable_files(run_dir: Path) -> list[str]:
                 import torch
 
                 torch.load(path, map_location="cpu", weights_only=False)
-            elif suffix in (".md", ".txt", ".yaml", ".model", ".jinja") or not suffix:
-                path.read_bytes().decode("utf-8") if suffix != ".model" else path.read_bytes()
+            elif suffix in (".md", ".txt", ".yaml", ".jinja") or not suffix:
+                path.read_bytes().decode("utf-8")
             else:
                 problems.append(f"{rel}: no parser for {suffix} files (teach unparseable_files about it)")
         except Exception as exc:  # noqa: BLE001 - any failure to parse is the finding
@@ -342,7 +342,3 @@ def resumed_stages(run_dir: Path) -> list[str]:
     """Stages whose manifest records a resume: proof the kills landed in real work."""
     return [s for s in STAGE_ORDER
             if any(e.get("event") == "resumed" for e in (read_manifest(run_dir, s) or {}).get("events", []))]
-
-
-def read_run_record(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / "run.json")
