@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # some filesystems (Drive's FUSE) refuse directory fds
         fd = os.open(path, os.O_RDONLY)
@@ -30,6 +34,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file should look like any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
