@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,3 +274,61 @@ def test_kill_during_hub_sync_then_resume_makes_remote_equal_local(tmp_path, smo
     assert "generate/generated.jsonl" in local
     assert remote.keys() == local.keys()
     assert [rel for rel in local if remote[rel] != local[rel]] == []
+
+
+FRESH_VM_CHILD = textwrap.dedent("""
+    import sys
+    from sit_core.pipeline import run_pipeline
+    run_pipeline(sys.argv[1], preset="demo", profile="cpu", overrides=sys.argv[2:], stages=["generate", "filter"])
+""")
+
+FRESH_VM_OVERRIDES = ["generation.num_samples=6", "generation.batch_size=2", "generation.instruction_max_tokens=64",
+                      "generation.response_max_tokens=24", "filter.target_count=2", "filter.min_count=1",
+                      "filter.length.min=3", "preference.num_pairs=1", "checkpoint_interval=2"]
+
+
+def test_fresh_vm_resumes_mid_stage_from_the_hub_and_equals_an_uninterrupted_run(tmp_path, smollm2_path, monkeypatch):
+    """A Colab VM is lost mid-generation; a new VM with an empty disk pulls the hub mirror and
+    continues from the last synced checkpoint: same records as a run that never stopped."""
+    reference = tmp_path / "reference"
+    local_env = harness.session_env(tmp_path / "prefect-ref")
+    subprocess.run([sys.executable, "-c", FRESH_VM_CHILD, str(reference), *FRESH_VM_OVERRIDES], cwd=harness.REPO,
+                   env=local_env, check=True, capture_output=True, timeout=900)
+
+    fake = FakeHub()
+    server = _HubServer(fake)
+    monkeypatch.setattr(test_hub, "ENDPOINT", server.url)
+    env = {**harness.session_env(tmp_path / "prefect"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": server.url,
+           "HF_TOKEN": FAKE_TOKEN}
+    overrides = [*FRESH_VM_OVERRIDES, "hub_repo=alice/sit-fresh-vm"]
+    first_vm = tmp_path / "vm1" / "run"
+    try:
+        # Commit 1 is run.json, commit 2 the first mid-stage sync (one batch of two); holding
+        # commit 3 stops the first VM between two checkpoints, where it is killed.
+        server.hold_commit(3)
+        child = subprocess.Popen([sys.executable, "-c", FRESH_VM_CHILD, str(first_vm), *overrides], cwd=harness.REPO,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not (held := server.held.wait(0.2)) and child.poll() is None and time.monotonic() < deadline:
+            pass
+        harness.kill_session(child)
+        output = child.stdout.read().decode(errors="replace")
+        child.stdout.close()
+        assert held, f"the second sync never arrived\n{output[-3000:]}"
+        server.release()
+        synced = fake.files("alice/sit-fresh-vm")
+        assert "generate/attempts.jsonl" in synced and "generate/generated.jsonl" not in synced  # mid-stage
+
+        shutil.rmtree(tmp_path / "vm1")  # the VM and its disk are gone
+        second_vm = tmp_path / "vm2" / "run"  # a new VM, another path, an empty PREFECT_HOME
+        env["PREFECT_HOME"] = str(tmp_path / "prefect-vm2")
+        resumed = subprocess.run([sys.executable, "-c", FRESH_VM_CHILD, str(second_vm), *overrides],
+                                 cwd=harness.REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    finally:
+        server.close()
+
+    manifest = json.loads((second_vm / "generate" / "manifest.json").read_text())
+    assert any(e["event"] == "resumed" for e in manifest["events"])  # continued, not started over
+    for name in ("generate/generated.jsonl", "filter/kept.jsonl"):
+        assert (second_vm / name).read_bytes() == (reference / name).read_bytes(), name
