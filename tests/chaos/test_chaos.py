@@ -239,6 +239,21 @@ HUB_OVERRIDES = ["generation.num_samples=4", "generation.instruction_max_tokens=
                  "checkpoint_interval=2", "hub_repo=alice/sit-chaos"]
 
 
+def kill_at_held_commit(server: "_HubServer", n: int, cmd: list[str], env: dict) -> None:
+    """Start the pipeline, hold the hub's n-th commit in flight, and SIGKILL the pipeline there."""
+    server.hold_commit(n)
+    child = subprocess.Popen(cmd, cwd=harness.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (held := server.held.wait(0.2)) and child.poll() is None and time.monotonic() < deadline:
+        pass
+    harness.kill_session(child)
+    output = child.stdout.read().decode(errors="replace")
+    child.stdout.close()
+    assert held, f"commit {n} never arrived\n{output[-3000:]}"
+    server.release()
+
+
 def test_kill_during_hub_sync_then_resume_makes_remote_equal_local(tmp_path, smollm2_path, monkeypatch):
     fake = FakeHub()
     server = _HubServer(fake)
@@ -249,17 +264,7 @@ def test_kill_during_hub_sync_then_resume_makes_remote_equal_local(tmp_path, smo
     cmd = [sys.executable, "-c", HUB_CHILD, str(run_dir), *HUB_OVERRIDES]
     try:
         # Commit 1 is run.json at the start; commit 2 is the first mid-stage sync of generate/.
-        server.hold_commit(2)
-        child = subprocess.Popen(cmd, cwd=harness.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        deadline = time.monotonic() + 600
-        while not (held := server.held.wait(0.2)) and child.poll() is None and time.monotonic() < deadline:
-            pass
-        harness.kill_session(child)
-        output = child.stdout.read().decode(errors="replace")
-        child.stdout.close()
-        assert held, f"no sync commit arrived\n{output[-3000:]}"
-        server.release()
+        kill_at_held_commit(server, 2, cmd, env)
         assert set(fake.files("alice/sit-chaos")) == {".gitattributes", "run.json"}  # the held commit never landed
 
         second = subprocess.run(cmd, cwd=harness.REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -305,17 +310,7 @@ def test_fresh_vm_resumes_mid_stage_from_the_hub_and_equals_an_uninterrupted_run
     try:
         # Commit 1 is run.json, commit 2 the first mid-stage sync (one batch of two); holding
         # commit 3 stops the first VM between two checkpoints, where it is killed.
-        server.hold_commit(3)
-        child = subprocess.Popen([sys.executable, "-c", FRESH_VM_CHILD, str(first_vm), *overrides], cwd=harness.REPO,
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while not (held := server.held.wait(0.2)) and child.poll() is None and time.monotonic() < deadline:
-            pass
-        harness.kill_session(child)
-        output = child.stdout.read().decode(errors="replace")
-        child.stdout.close()
-        assert held, f"the second sync never arrived\n{output[-3000:]}"
-        server.release()
+        kill_at_held_commit(server, 3, [sys.executable, "-c", FRESH_VM_CHILD, str(first_vm), *overrides], env)
         synced = fake.files("alice/sit-fresh-vm")
         assert "generate/attempts.jsonl" in synced and "generate/generated.jsonl" not in synced  # mid-stage
 
