@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +28,15 @@ def run_dir(tmp_path: Path) -> Path:
     d = tmp_path / "run"
     d.mkdir()
     return d
+
+
+def run_flow_script(script: str, run_dir: Path, prefect_home: Path, overrides: list[str]) -> dict:
+    """Run a Python snippet that calls a flow and prints `RESULT <json>`, in a fresh process
+    with its own PREFECT_HOME (a new machine, as far as Prefect can tell)."""
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": "",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    proc = subprocess.run([sys.executable, "-c", script, str(run_dir), *overrides], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])

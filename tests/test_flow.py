@@ -4,12 +4,10 @@ model; damaged outputs invalidate the cache; the flow runs inside a running even
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+from conftest import run_flow_script
 
 OVERRIDES = ["generation.num_samples=4", "filter.target_count=2", "filter.min_count=1", "preference.num_pairs=1",
              "generation.instruction_max_tokens=40", "generation.response_max_tokens=40", "generation.batch_size=4",
@@ -38,13 +36,7 @@ RUN_FLOW_IN_LOOP = textwrap.dedent("""
 
 
 def run_flow(script: str, run_dir: Path, prefect_home: Path) -> dict:
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": "",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    proc = subprocess.run([sys.executable, "-c", script, str(run_dir), *OVERRIDES], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_flow_script(script, run_dir, prefect_home, OVERRIDES)
 
 
 def manifest_times(run_dir: Path) -> dict:

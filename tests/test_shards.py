@@ -5,14 +5,12 @@ the unfinished shard."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_flow_script
 
 from sit_core import magpie, shards
 from sit_core.config import load_config
@@ -34,13 +32,7 @@ RUN_SHARDED = textwrap.dedent("""
 
 
 def run_sharded(run_dir: Path, prefect_home: Path) -> dict:
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": "",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    proc = subprocess.run([sys.executable, "-c", RUN_SHARDED, str(run_dir), *OVERRIDES], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_flow_script(RUN_SHARDED, run_dir, prefect_home, OVERRIDES)
 
 
 def test_split_is_whole_batches_and_covers_the_range():

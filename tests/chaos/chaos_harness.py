@@ -100,13 +100,18 @@ def run_uninterrupted(run_dir: Path, prefect_home: Path, log_path: Path, timeout
     """The reference run. Returns its wall time in seconds."""
     t0 = time.monotonic()
     proc = start_session(sit_run_command(run_dir, overrides), session_env(prefect_home), log_path)
+    wait_for_success(proc, timeout_s, log_path, "reference run")
+    return time.monotonic() - t0
+
+
+def wait_for_success(proc: subprocess.Popen, timeout_s: float, log_path: Path, what: str) -> None:
+    """Wait for a session to exit 0; kill it and fail with its log's tail otherwise."""
     try:
         rc = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         kill_session(proc)
-        raise AssertionError(f"reference run exceeded {timeout_s}s\n{log_tail(log_path)}") from None
-    assert rc == 0, f"reference run failed with exit code {rc}\n{log_tail(log_path)}"
-    return time.monotonic() - t0
+        raise AssertionError(f"{what} exceeded {timeout_s}s\n{log_tail(log_path)}") from None
+    assert rc == 0, f"{what} failed with exit code {rc}\n{log_tail(log_path)}"
 
 
 def stage_in_progress(run_dir: Path) -> str | None:
@@ -206,13 +211,7 @@ def run_with_kills(run_dir: Path, prefect_home: Path, log_path: Path, *, seed: i
         say(f"kill {len(done_kills)}/{kills}: aimed at {target} (+{delay}s), landed in {stage}; "
             f"{lost:.1f}s of work since its last durable write")
     sessions += 1
-    proc = start_session(cmd, env, log_path)
-    try:
-        rc = proc.wait(timeout=session_timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_session(proc)
-        raise AssertionError(f"final session exceeded {session_timeout_s}s\n{log_tail(log_path)}") from None
-    assert rc == 0, f"final session failed with exit code {rc}\n{log_tail(log_path)}"
+    wait_for_success(start_session(cmd, env, log_path), session_timeout_s, log_path, "final session")
     return ChaosResult(seed, done_kills, sessions, time.monotonic() - t_start, refused)
 
 
