@@ -181,6 +181,10 @@ class TrainingConfig(_Section):
     dpo_save_steps: int = Field(100, ge=1, json_schema_extra=PERF)
     logging_steps: int = Field(10, ge=1, json_schema_extra=PERF)
     gradient_checkpointing: bool = Field(False, json_schema_extra=PERF)
+    num_processes: int = Field(
+        1, ge=1, json_schema_extra=PERF,
+        description="data-parallel training processes (one per GPU), started with `accelerate launch` (DDP); "
+                    "the effective batch stays the profile's, split over the processes")
 
 
 class AgentEvalConfig(_Section):

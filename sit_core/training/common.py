@@ -29,6 +29,7 @@ from ..fileio import atomic_write_json, iter_files, read_json, read_jsonl
 from ..manifest import StageRun, rel
 from ..models import pick_device, resolve_model_path, torch_dtype
 from ..stages import Progress, done_manifest, open_stage
+from . import distributed
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -182,7 +183,7 @@ def load_base_model(cfg: SitConfig, hw: Hardware):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if hw.bf16 else torch.float16)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # this rank's GPU under DDP
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.models.target), **kwargs)
     except OSError as e:
@@ -276,6 +277,8 @@ def _stage_callbacks(run: StageRun, progress: Progress, clock_path: Path):
             return {"step_s": self.step_s, "wall_s": self.wall_base + time.perf_counter() - self.started}
 
         def on_save(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
             clock = _read_clock(clock_path)
             clock[str(state.global_step)] = self.totals()
             atomic_write_json(clock_path, clock)
@@ -350,8 +353,13 @@ def train_stage(cfg: SitConfig, run_dir: Path, stage: str, method_factory: Calla
     if m := done_manifest(cfg, run_dir, stage):
         return m
     method = method_factory(cfg, Path(run_dir))  # reads and checks the data: no model loaded yet
-    run = open_stage(cfg, run_dir, method.stage)
+    rank, processes = distributed.world()
+    if processes == 1 and cfg.training.num_processes > 1:
+        return distributed.launch(cfg, Path(run_dir), stage, method.batch_size, method.grad_accum, progress)
     hw = hardware(cfg)
+    group = distributed.start(cpu=hw.device != "cuda")
+    with distributed.rank0_first(group):
+        run = open_stage(cfg, run_dir, method.stage) if rank == 0 else distributed.follow_stage(run_dir, method.stage)
 
     import torch
     from transformers import set_seed
@@ -365,7 +373,7 @@ def train_stage(cfg: SitConfig, run_dir: Path, stage: str, method_factory: Calla
     # first checkpoint) so that a restart never continues from half-trained weights.
     initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
-    batch, grad_accum = _current_batch(run, method)
+    batch, grad_accum = _current_batch(run, method, processes)
     clock_path = run.dir / "clock.json"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -378,13 +386,19 @@ def train_stage(cfg: SitConfig, run_dir: Path, stage: str, method_factory: Calla
         trainer = method.make_trainer(model, tokenizer, _trainer_kwargs(cfg, hw, method, run, batch, grad_accum),
                                       _dataset(method.train_rows), _dataset(method.eval_rows),
                                       [stage_cb, *callbacks])
-        checkpoint = newest_complete_checkpoint(run)
+        with distributed.rank0_first(group):
+            checkpoint = newest_complete_checkpoint(run)
         run.event("train_start", batch_size=batch, gradient_accumulation_steps=grad_accum,
                   resume_from=rel(run.run_dir, checkpoint) if checkpoint else None)
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             break
         except torch.OutOfMemoryError:
+            if group is not None:
+                # The other ranks are stuck in a collective: end this launch and let the caller
+                # relaunch every rank at the smaller batch.
+                distributed.report_oom(run.dir, batch, grad_accum)
+                raise
             if batch == 1:
                 raise SitError(
                     f"stage '{method.stage}' ran out of GPU memory even at per-device batch 1",
@@ -392,23 +406,27 @@ def train_stage(cfg: SitConfig, run_dir: Path, stage: str, method_factory: Calla
                     "training.max_seq_length") from None
             new_batch, new_accum = backoff(batch, grad_accum)
             run.event("oom_backoff", from_batch_size=batch, to_batch_size=new_batch,
-                      from_gradient_accumulation_steps=grad_accum, to_gradient_accumulation_steps=new_accum)
+                      from_gradient_accumulation_steps=grad_accum, to_gradient_accumulation_steps=new_accum,
+                      processes=1)
             batch, grad_accum = new_batch, new_accum
             del trainer
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    return _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable, total, batch, grad_accum)
+    return _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable, total, batch, grad_accum,
+                   processes)
 
 
-def _current_batch(run: StageRun, method: Method) -> tuple[int, int]:
-    """The profile's batch, or the last OOM step-down recorded for this stage: a restarted
-    run does not walk into the same out-of-memory error again."""
-    downs = [e for e in run.manifest.get("events", []) if e["event"] == "oom_backoff"]
+def _current_batch(run: StageRun, method: Method, processes: int) -> tuple[int, int]:
+    """The profile's batch split over the processes, or the last OOM step-down recorded for
+    this stage on as many processes: a restarted run does not walk into the same
+    out-of-memory error again."""
+    downs = [e for e in run.manifest.get("events", [])
+             if e["event"] == "oom_backoff" and e.get("processes", 1) == processes]
     if downs:
         return downs[-1]["to_batch_size"], downs[-1]["to_gradient_accumulation_steps"]
-    return method.batch_size, method.grad_accum
+    return distributed.split_batch(method.batch_size, method.grad_accum, processes)
 
 
 def _dataset(rows: list[dict]):
@@ -443,6 +461,9 @@ def _trainer_kwargs(cfg: SitConfig, hw: Hardware, method: Method, run: StageRun,
         eval_steps=method.save_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        # Every trainable parameter (LoRA, prompt embeddings) takes part in every step, so DDP
+        # can skip its per-step search for unused ones.
+        ddp_find_unused_parameters=False if distributed.world()[1] > 1 else None,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
         report_to=[],
@@ -450,7 +471,8 @@ def _trainer_kwargs(cfg: SitConfig, hw: Hardware, method: Method, run: StageRun,
     )
 
 
-def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable, total, batch, grad_accum) -> dict:
+def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable, total, batch, grad_accum,
+            processes) -> dict | None:
     import torch
 
     history = trainer.state.log_history
@@ -461,7 +483,9 @@ def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable
     step = trainer.state.global_step
     # The last periodic evaluation usually fell on the final step; evaluate only if it did not.
     final_eval = [h["eval_loss"] for h in history if "eval_loss" in h and h["step"] == step]
-    eval_loss = final_eval[-1] if final_eval else trainer.evaluate()["eval_loss"]
+    eval_loss = final_eval[-1] if final_eval else trainer.evaluate()["eval_loss"]  # every rank: a collective
+    if distributed.world()[0] != 0:
+        return None  # rank 0 alone measures and writes the results
     history = trainer.state.log_history
     clock = stage_cb.totals()
     tokens = trainer.state.num_input_tokens_seen
@@ -487,6 +511,7 @@ def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable
         "precision": hw.precision,
         "batch_size": batch,
         "gradient_accumulation_steps": grad_accum,
+        "processes": processes,
     }
 
     final = run.dir / FINAL
@@ -501,7 +526,7 @@ def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable
         "validation_data_size": len(method.eval_rows),
         **method.describe,
         "training_args": {"epochs": method.epochs, "max_steps": cfg.training.max_steps, "batch_size": batch,
-                          "gradient_accumulation_steps": grad_accum, "learning_rate": method.learning_rate,
+                          "gradient_accumulation_steps": grad_accum, "processes": processes, "learning_rate": method.learning_rate,
                           "warmup_ratio": method.warmup_ratio, "lr_scheduler_type": cfg.training.lr_scheduler_type,
                           "precision": hw.precision, "qlora": hw.qlora, "seed": cfg.seed},
         "results": {"train_loss": train_loss, "eval_loss": eval_loss, "total_steps": step},

@@ -1,0 +1,225 @@
+"""Data-parallel (DDP) training through `accelerate launch`.
+
+With `training.num_processes` = N > 1, a training stage does not train in the calling process.
+The caller (the pipeline process, which holds the run lock) checks the data, then runs
+
+    python -m accelerate.commands.launch --multi_gpu --num_processes N --num_machines 1 \
+        --main_process_port 0 --mixed_precision no --dynamo_backend no \
+        -m sit_core.training.distributed RUN_DIR STAGE CONFIG_JSON
+
+and waits, turning the manifest's progress into the caller's progress callback (the Prefect
+UI, the hub mirror's periodic sync). Each rank runs the ordinary stage driver
+(common.train_stage). Rank 0 is the only writer: the manifest, the clock, the final adapter and
+metrics, and (the Trainer's own rule) the checkpoints; the other ranks read the same data and
+train in lockstep. The effective batch (per-device batch x accumulation x processes) stays the
+profile's, so the fingerprint and learning-rate schedule equal a single-process run's and a
+half-trained stage resumes on another number of GPUs.
+
+Out of memory: the rank that hits it leaves a marker and the launch fails; the caller records
+the step-down in the manifest and launches again with half the per-device batch, as the
+single-process driver does in place. On CPU the same launch starts gloo ranks: that is how the
+tests exercise it. Mixed precision comes from the Trainer's bf16/fp16 arguments, so accelerate's
+own flag stays "no".
+
+Run by hand, without a caller holding the lock, rank 0 takes the run lock itself and the
+config is the one recorded in run.json:
+
+    accelerate launch --multi_gpu --num_processes 4 -m sit_core.training.distributed runs/a sft
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..config import SitConfig
+from ..errors import SitError
+from ..fileio import atomic_write_json, read_json
+from ..manifest import StageRun, read_manifest
+from ..stages import Progress
+
+OOM_MARKER = "oom.json"
+# Set by launch() for its ranks: the pid that holds the run lock on their behalf.
+LOCK_HOLDER_ENV = "SIT_RUN_LOCK_HOLDER"
+POLL_S = 2.0
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a distributed launch."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def split_batch(batch: int, grad_accum: int, processes: int) -> tuple[int, int]:
+    """Per-process (batch, accumulation) whose product times `processes` is the effective batch:
+    the largest per-device batch not above `batch`."""
+    effective = batch * grad_accum
+    if effective % processes:
+        divisors = [d for d in range(1, effective + 1) if effective % d == 0]
+        raise SitError(
+            f"the effective batch {effective} ({batch} per device x {grad_accum} accumulation) does not split "
+            f"evenly over training.num_processes={processes}",
+            f"set training.num_processes to one of {divisors} (the effective batch is part of the run's "
+            "configuration; changing it would change the results)")
+    per_process = effective // processes
+    per_device = max(d for d in range(1, batch + 1) if per_process % d == 0)
+    return per_device, per_process // per_device
+
+
+def start(cpu: bool):
+    """Join the process group accelerate launched us into; None when not distributed."""
+    if world()[1] == 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu)
+
+
+def rank0_first(state):
+    """Rank 0 runs the block first (it opens the manifest, removes torn checkpoints); the others
+    follow and find what it left."""
+    return state.main_process_first() if state is not None else contextlib.nullcontext()
+
+
+class FollowerStage(StageRun):
+    """A non-zero rank's view of the stage: the manifest rank 0 wrote, never written back."""
+
+    def save(self) -> None:
+        pass
+
+
+def follow_stage(run_dir: Path, stage: str) -> FollowerStage:
+    manifest = read_manifest(run_dir, stage)
+    if manifest is None:
+        raise SitError(f"rank {world()[0]} found no manifest for stage '{stage}' after rank 0 opened it",
+                       "rerun; if it repeats, check that every rank sees the same run directory")
+    return FollowerStage(Path(run_dir), stage, manifest)
+
+
+def report_oom(stage_dir: Path, batch: int, grad_accum: int) -> None:
+    atomic_write_json(stage_dir / OOM_MARKER, {"rank": world()[0], "batch_size": batch,
+                                               "gradient_accumulation_steps": grad_accum})
+
+
+# ---------------------------------------------------------------------------------------
+# The caller's side
+
+
+def launch_command(run_dir: Path, stage: str, config_path: Path, processes: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "sit_core.training.distributed", str(run_dir), stage, str(config_path)]
+
+
+def launch(cfg: SitConfig, run_dir: Path, stage: str, batch: int, grad_accum: int, progress: Progress = None) -> dict:
+    """Train `stage` on cfg.training.num_processes ranks; returns its finished manifest."""
+    from .common import backoff
+
+    processes = cfg.training.num_processes
+    split_batch(batch, grad_accum, processes)  # a bad split fails here, before any process starts
+    marker = Path(run_dir) / stage / OOM_MARKER
+    fd, name = tempfile.mkstemp(prefix=f"sit-{stage}-", suffix=".json")
+    os.close(fd)
+    config_path = atomic_write_json(Path(name), cfg.model_dump(mode="json"))
+    try:
+        while True:
+            marker.unlink(missing_ok=True)
+            returncode = _wait(launch_command(run_dir, stage, config_path, processes), run_dir, stage, progress)
+            if returncode == 0:
+                break
+            if not marker.exists():
+                raise SitError(
+                    f"distributed training of stage '{stage}' on {processes} processes failed (accelerate launch "
+                    f"exited with {returncode}; the ranks' errors are printed above)",
+                    "fix the error shown above and rerun the same command: training resumes from its last complete "
+                    "checkpoint. To train in one process, set training.num_processes=1")
+            oom = read_json(marker)
+            marker.unlink()
+            if oom["batch_size"] == 1:
+                raise SitError(f"stage '{stage}' ran out of GPU memory even at per-device batch 1",
+                               "set training.gradient_checkpointing=true, training.qlora=true, or a smaller "
+                               "training.max_seq_length")
+            new_batch, new_accum = backoff(oom["batch_size"], oom["gradient_accumulation_steps"])
+            run = StageRun(Path(run_dir), stage, read_manifest(run_dir, stage))
+            run.event("oom_backoff", from_batch_size=oom["batch_size"], to_batch_size=new_batch,
+                      from_gradient_accumulation_steps=oom["gradient_accumulation_steps"],
+                      to_gradient_accumulation_steps=new_accum, processes=processes)
+    finally:
+        config_path.unlink(missing_ok=True)
+    manifest = read_manifest(run_dir, stage)
+    if manifest is None or manifest.get("status") != "done":
+        raise SitError(f"the ranks of stage '{stage}' exited cleanly but left no finished manifest",
+                       "rerun the same command; training resumes from its last complete checkpoint")
+    return manifest
+
+
+def _wait(command: list[str], run_dir: Path, stage: str, progress: Progress) -> int:
+    """Run the launcher; forward the manifest's progress while it runs. Stopping the caller
+    (Ctrl-C, a cancelled flow run) stops the ranks too."""
+    env = {**os.environ, LOCK_HOLDER_ENV: str(os.getpid())}
+    proc = subprocess.Popen(command, env=env)
+    last = None
+    try:
+        while proc.poll() is None:
+            time.sleep(POLL_S)
+            manifest = read_manifest(run_dir, stage) or {}
+            done = manifest.get("progress")
+            if progress is not None and done and done != last:
+                last = done
+                progress(done["done"], done["total"])
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return proc.returncode
+
+
+# ---------------------------------------------------------------------------------------
+# A rank's side
+
+
+def _lock_held_for_us(run_dir: Path) -> bool:
+    from ..rundir import LOCK_NAME
+
+    holder = os.environ.get(LOCK_HOLDER_ENV)
+    try:
+        return holder is not None and str(read_json(Path(run_dir) / LOCK_NAME).get("pid")) == holder
+    except (OSError, ValueError):
+        return False
+
+
+def main(argv: list[str]) -> None:
+    from ..stages import stage_module
+
+    if len(argv) not in (2, 3):
+        raise SystemExit("usage: accelerate launch --multi_gpu --num_processes N "
+                         "-m sit_core.training.distributed RUN_DIR STAGE [CONFIG_JSON]")
+    run_dir, stage = Path(argv[0]), argv[1]
+    if len(argv) == 3:
+        cfg = SitConfig.model_validate(read_json(Path(argv[2])))
+    else:
+        from ..pipeline import resolve_config
+
+        cfg = resolve_config(run_dir, None, None, None, None)[0]
+    if world()[0] == 0 and not _lock_held_for_us(run_dir):
+        from ..rundir import RunLock
+
+        with RunLock(run_dir):
+            stage_module(stage).run(cfg, run_dir)
+    else:
+        stage_module(stage).run(cfg, run_dir)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except SitError as e:
+        print(f"error: {e.problem}\nfix: {e.fix}", file=sys.stderr)
+        sys.exit(2)
