@@ -30,7 +30,9 @@ config is the one recorded in run.json:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,8 @@ OOM_MARKER = "oom.json"
 # Set by launch() for its ranks: the pid that holds the run lock on their behalf.
 LOCK_HOLDER_ENV = "SIT_RUN_LOCK_HOLDER"
 POLL_S = 2.0
+
+log = logging.getLogger("sit.training")
 
 
 def world() -> tuple[int, int]:
@@ -160,6 +164,7 @@ def launch(cfg: SitConfig, run_dir: Path, stage: str, batch: int, grad_accum: in
 def _wait(command: list[str], run_dir: Path, stage: str, progress: Progress) -> int:
     """Run the launcher; forward the manifest's progress while it runs. Stopping the caller
     (Ctrl-C, a cancelled flow run) stops the ranks too."""
+    log.info("training: %s", shlex.join(command))
     env = {**os.environ, LOCK_HOLDER_ENV: str(os.getpid())}
     proc = subprocess.Popen(command, env=env)
     last = None
