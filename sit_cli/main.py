@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -109,19 +108,17 @@ def show_config(
 @app.command()
 def reset(run_dir: Path = typer.Argument(...), stage: str = typer.Argument(..., help="first stage to discard"),
           yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")) -> None:
-    """Discard a stage and every stage after it, so they are recomputed."""
-    if stage not in STAGE_ORDER:
-        _fail(SitError(f"unknown stage '{stage}'", f"stages are: {', '.join(STAGE_ORDER)}"))
-    doomed = list(STAGE_ORDER[STAGE_ORDER.index(stage):])
-    present = [s for s in doomed if (run_dir / s).exists()]
-    if not yes and not typer.confirm(f"delete {', '.join(present) or 'nothing'} in {run_dir}?"):
-        raise typer.Exit(1)
-    for s in present:
-        shutil.rmtree(run_dir / s)
-    results = run_dir / "prefect-results"
-    for record in results.glob("*") if results.exists() else []:
-        if record.name.split("-")[0] in doomed or record.name.rsplit("-", 1)[0] in doomed:
-            record.unlink()
+    """Discard a stage and every stage after it (on the hub mirror too), so they are recomputed."""
+    from sit_core.reset import reset_run, stages_from
+
+    try:
+        doomed = stages_from(stage)
+        present = [s for s in doomed if (run_dir / s).exists()]
+        if not yes and not typer.confirm(f"delete {', '.join(present) or 'nothing'} in {run_dir}?"):
+            raise typer.Exit(1)
+        present = reset_run(run_dir, stage)
+    except SitError as err:
+        _fail(err)
     console.print(f"reset: {', '.join(present) or 'nothing to delete'}")
 
 

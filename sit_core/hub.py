@@ -16,6 +16,10 @@ may hold a secret (see `is_mirrored`). Trainer checkpoints (`checkpoint-N/`) are
 only once complete, i.e. once the trainer has written their `trainer_state.json`.
 
 `push` uploads only the files whose content differs from the remote copy, in one commit; the
+same commit deletes the remote copies of trainer checkpoints under the pushed paths that are
+gone locally (the Trainer keeps the newest two), so the mirror does not grow by a checkpoint
+every save. `delete` removes whole stages (what `sit reset` discards), so a later pull does not
+bring them back. Nothing else is ever deleted remotely. The
 comparison uses the remote tree listing (the LFS sha256, or the git blob sha1 of small files),
 so it is right even on a fresh VM and even if another machine pushed in between. Local hashes
 are cached in `<run_dir>/.sit/hub_state.json` by (size, mtime, inode), so a sync every checkpoint
@@ -45,7 +49,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, RepoFile
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFile
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
@@ -193,6 +197,7 @@ class PushResult:
     uploaded: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # would have published a secret
+    deleted: list[str] = field(default_factory=list)  # remote copies of checkpoints rotated away locally
     commit_url: str | None = None
 
 
@@ -243,6 +248,7 @@ class HubMirror:
         if not local:
             return result
         remote = self._remote_files()
+        result.deleted = self._rotated_checkpoints(paths, remote)
         hashes = self._hash_local(local)
         changed = []
         for rel in sorted(local):
@@ -256,23 +262,37 @@ class HubMirror:
         if result.refused:
             log.warning("not mirroring %d file(s) that contain the Hugging Face token: %s",
                         len(result.refused), ", ".join(result.refused))
-        if not changed:
+        if not changed and not result.deleted:
             return result
-        info = self.upload({rel: local[rel] for rel in changed}, message or f"sit: sync {len(changed)} file(s)")
+        info = self.upload({rel: local[rel] for rel in changed}, message or f"sit: sync {len(changed)} file(s)",
+                           delete=result.deleted)
         result.uploaded = changed
         result.commit_url = info.commit_url
-        log.info("hub %s: uploaded %d file(s), %d unchanged", self.repo_id, len(changed), len(result.unchanged))
+        log.info("hub %s: uploaded %d file(s), %d unchanged, %d deleted", self.repo_id, len(changed),
+                 len(result.unchanged), len(result.deleted))
         return result
 
-    def upload(self, files: dict[str, Path | bytes], message: str):
-        """Commit these files (path in repo -> local file or content) in one commit, with retries.
-        Creates the repo first if needed. Returns huggingface_hub's CommitInfo."""
+    def delete(self, doomed: Callable[[str], bool], message: str) -> list[str]:
+        """Remove from the hub, in one commit, the files whose run-directory path `doomed`
+        accepts. Returns them."""
+        files = sorted(rel for rel in self._remote_files() if doomed(rel))
+        if files:
+            self.upload({}, message, delete=files)
+            log.info("hub %s: deleted %d file(s)", self.repo_id, len(files))
+        return files
+
+    def upload(self, files: dict[str, Path | bytes], message: str, delete: Iterable[str] = ()):
+        """Commit these files (path in repo -> local file or content), and the deletion of the
+        `delete` paths, in one commit, with retries. Creates the repo first if needed. Returns
+        huggingface_hub's CommitInfo."""
         self.ensure_repo()
+        delete = list(delete)
 
         def commit():
             # Operations are built per attempt: huggingface_hub mutates them during a commit.
             ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=src if isinstance(src, bytes) else str(src))
                    for rel, src in files.items()]
+            ops += [CommitOperationDelete(path_in_repo=rel, is_folder=False) for rel in delete]
             return self.api.create_commit(self.repo_id, ops, repo_type=self.repo_type, commit_message=message)
 
         return self._call(f"upload {len(files)} file(s) to", commit)
@@ -331,6 +351,22 @@ class HubMirror:
         return self.url
 
     # -- local side -----------------------------------------------------------------------
+
+    def _rotated_checkpoints(self, paths: Iterable[Path] | None, remote: dict) -> list[str]:
+        """Remote files under the pushed paths that lie in a checkpoint folder gone locally."""
+        base = self.run_dir.resolve()
+        roots = [""] if paths is None else [
+            (Path(p) if Path(p).is_absolute() else self.run_dir / p).resolve().relative_to(base).as_posix()
+            for p in paths]
+        stale = []
+        for rel in remote:
+            if not mirrored_name(rel) or not any(r in ("", ".") or rel.startswith(r + "/") for r in roots):
+                continue
+            parts = rel.split("/")
+            folders = ["/".join(parts[: i + 1]) for i, part in enumerate(parts[:-1]) if _CHECKPOINT_DIR.match(part)]
+            if any(not (self.run_dir / f).is_dir() for f in folders):
+                stale.append(rel)
+        return sorted(stale)
 
     def _local_files(self, paths: Iterable[Path] | None) -> dict[str, Path]:
         roots = [self.run_dir] if paths is None else [Path(p) for p in paths]

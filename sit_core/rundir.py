@@ -24,6 +24,9 @@ from .fileio import atomic_write_json, read_json, sha256_json
 
 LOCK_NAME = ".sit.lock"
 RUN_RECORD = "run.json"
+# Prefect result records ("<stage>-<cache key hash>", tasks/stage_tasks.py). Not hidden: the hub
+# mirror skips dot-folders, and a fresh VM needs these records for cache hits.
+RESULTS_DIR = "prefect-results"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
 

@@ -4,7 +4,7 @@ Caching works across machines because both halves of it live in the run director
   - the key is the stage name, its fingerprint (config minus performance-only fields), the
     content hashes of its inputs (run-dir-relative paths) and the stage's code version;
     never RUN_ID, never absolute paths;
-  - the result record is stored under `<run_dir>/.sit/prefect-results/<key>`.
+  - the result record is stored under `<run_dir>/prefect-results/<key>`.
 So a new VM with an empty PREFECT_HOME, pointed at the same run directory (Drive, or a hub
 pull), hits the cache and loads no model. A record whose stage outputs were damaged or
 deleted since is dropped, and the task runs again (resuming from the stage's checkpoints).
@@ -32,10 +32,9 @@ from sit_core.config import SitConfig
 from sit_core.errors import SitError
 from sit_core.hub import HubUnavailableError, is_transient
 from sit_core.manifest import input_hashes, output_problems, read_manifest
+from sit_core.rundir import RESULTS_DIR
 from sit_core.stages import code_version, stage_module
 
-# Not hidden: the hub mirror skips dot-folders, and a fresh VM needs these records for cache hits.
-RESULTS_DIR = "prefect-results"
 
 
 def results_dir(run_dir: str | Path) -> Path:

@@ -53,6 +53,7 @@ from sit_core.hub import (
     verify_run_dir,
 )
 from sit_core.manifest import begin_stage, read_manifest, stage_is_done
+from sit_core.reset import reset_run
 from sit_core.rundir import LOCK_NAME, record_run
 
 FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcd"
@@ -156,6 +157,9 @@ class FakeHub:
                 if item["key"] == "file":
                     repo["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                     paths.append(item["value"]["path"])
+                elif item["key"] == "deletedFile":
+                    del repo["files"][item["value"]["path"]]  # deleting a missing path fails the test
+                    paths.append(f"-{item['value']['path']}")
             self.commits.append(paths)
             repo["sha"] = hashlib.sha1(json.dumps(sorted((p, git_sha1(c)) for p, c in repo["files"].items()))
                                        .encode()).hexdigest()
@@ -408,6 +412,67 @@ def test_pull_repairs_damaged_outputs_and_keeps_local_work(hub, run_dir):
     assert set(result.downloaded) == {"generate/samples.jsonl", "sft/manifest.json"}
     assert result.kept_local == ["sft/checkpoints/checkpoint-10/trainer_state.json"]
     assert result.damaged == {}
+
+
+def test_push_deletes_remote_checkpoints_rotated_away_locally(hub, run_dir, tmp_path):
+    make_run(run_dir)
+    m = mirror(run_dir)
+    m.push()
+    # checkpoint-20 completes and the Trainer, keeping only the newest, removes checkpoint-10.
+    atomic_write_json(run_dir / "sft/checkpoints/checkpoint-20/trainer_state.json", {"global_step": 20})
+    shutil.rmtree(run_dir / "sft/checkpoints/checkpoint-10")
+    assert m.push([run_dir / "generate"]).deleted == []  # not under the pushed path: left alone
+    assert "sft/checkpoints/checkpoint-10/trainer_state.json" in hub.files()
+
+    commits = len(hub.commits)
+    result = m.push([run_dir / "sft"])
+    assert result.deleted == ["sft/checkpoints/checkpoint-10/adapter_model.safetensors",
+                              "sft/checkpoints/checkpoint-10/trainer_state.json"]
+    assert len(hub.commits) == commits + 1  # the uploads and the deletions in one commit
+    assert not any("checkpoint-10" in p for p in hub.files())
+    assert "sft/checkpoints/checkpoint-20/trainer_state.json" in hub.files()
+    assert "generate/samples.jsonl" in hub.files()
+
+    fresh = tmp_path / "fresh"
+    mirror(fresh).pull()
+    assert sorted(p.name for p in (fresh / "sft/checkpoints").iterdir()) == ["checkpoint-20"]
+
+
+def _run_with_hub_records(run_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(hf_constants, "ENDPOINT", ENDPOINT)  # reset_run's mirror uses the default endpoint
+    make_run(run_dir)
+    cfg = load_config(preset="demo", profile="cpu").model_copy(update={"hub_repo": REPO})
+    record_run(run_dir, cfg)
+    for record in ("generate-0123abcd", "sft-4567ef01"):
+        atomic_write_text(run_dir / "prefect-results" / record, "{}")
+    mirror(run_dir).push()
+
+
+def test_reset_deletes_the_stages_on_the_hub_too(hub, run_dir, tmp_path, monkeypatch):
+    _run_with_hub_records(run_dir, monkeypatch)
+
+    assert reset_run(run_dir, "sft") == ["sft"]
+
+    remote = hub.files()
+    assert not any(p.startswith("sft/") for p in remote) and "prefect-results/sft-4567ef01" not in remote
+    assert {"generate/samples.jsonl", "prefect-results/generate-0123abcd", "run.json"} <= set(remote)
+    assert not (run_dir / "sft").exists() and not (run_dir / "prefect-results/sft-4567ef01").exists()
+    assert stage_is_done(run_dir, "generate") and (run_dir / "prefect-results/generate-0123abcd").exists()
+    # A new VM's pull does not bring the discarded stage back.
+    fresh = tmp_path / "fresh"
+    mirror(fresh).pull()
+    assert (fresh / "generate/samples.jsonl").exists() and not (fresh / "sft").exists()
+
+
+def test_reset_deletes_nothing_when_the_hub_refuses(hub, run_dir, monkeypatch):
+    _run_with_hub_records(run_dir, monkeypatch)
+    hub.token = "hf_SomeoneElsesToken000000000000000000"  # our token is now rejected: 401
+
+    with pytest.raises(HubAccessError):
+        reset_run(run_dir, "sft")
+
+    assert (run_dir / "sft/manifest.json").exists() and (run_dir / "prefect-results/sft-4567ef01").exists()
+    assert "sft/manifest.json" in hub.files()
 
 
 def test_first_pull_of_a_new_run_creates_the_private_repo(hub, run_dir):
