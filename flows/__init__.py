@@ -1,4 +1,1 @@
-import os
-
-# Prefect's server tries to send usage telemetry; offline (and on private VMs) that only logs errors.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+import tasks  # noqa: F401 - sets Prefect's environment before prefect is imported

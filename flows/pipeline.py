@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from prefect import flow
 from prefect.logging import get_run_logger
+from prefect.states import Failed
 
 from sit_core.config import STAGE_ORDER, SitConfig
+from sit_core.errors import SitError
 from sit_core.pipeline import prepare_run
 from tasks.stage_tasks import stage_task_for
+
+
+def fails_cleanly(fn):
+    """A SitError (bad input, not enough data, a locked run directory) ends the flow run as
+    Failed with the problem and its fix as the message, without a traceback: the user acts on
+    the message, and the stack tells them nothing more. The caller of the flow still gets the
+    SitError raised. Any other exception keeps Prefect's full traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SitError as err:
+            return Failed(message=str(err), data=err)
+
+    return wrapper
 
 
 def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str]) -> dict:
@@ -22,6 +41,7 @@ def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str]) -> dict:
 
 
 @flow(name="synthetic_instruction_tuner", log_prints=True)
+@fails_cleanly
 def synthetic_instruction_tuner(
     run_dir: str = "runs/demo",
     config: dict | str | None = None,
@@ -48,6 +68,7 @@ def synthetic_instruction_tuner(
 
 def _stage_flow(stage: str):
     @flow(name=f"sit-{stage.replace('_', '-')}")
+    @fails_cleanly
     def single_stage(run_dir: str, config: dict | str | None = None, preset: str | None = None,
                      profile: str | None = None, overrides: list[str] | None = None) -> dict:
         with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides,

@@ -4,6 +4,11 @@ model; damaged outputs invalidate the cache; the flow runs inside a running even
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -62,3 +67,27 @@ def test_rerun_on_a_fresh_prefect_home_is_all_cache_hits(tmp_path, smollm2_path)
     third = run_flow(RUN_FLOW, run_dir, tmp_path / "home-b")
     assert third["generate"]["cached"] and not third["filter"]["cached"]
     assert third["filter"]["outputs"] == first["filter"]["outputs"]
+
+
+def test_a_stage_error_in_a_flow_is_the_problem_and_fix_without_a_traceback(tmp_path):
+    """`sit run` where the filter keeps too few records: the NotEnoughDataError from inside
+    the task reaches the user as error/fix lines and the flow run's Failed message, with no
+    Python traceback in front of them."""
+    run_dir = tmp_path / "run"
+    (run_dir / "generate").mkdir(parents=True)
+    records = [{"id": i, "instruction": f"Name {n} facts about the history of tea in {c}.",
+                "response": "Tea came from China and spread along trade routes to many countries over centuries."}
+               for i, (n, c) in enumerate([("two", "Japan"), ("three", "India"), ("four", "Kenya")])]
+    (run_dir / "generate" / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": "",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    proc = subprocess.run([sys.executable, "-m", "sit_cli.main", "run", "--run-dir", str(run_dir), "--preset", "demo",
+                           "--profile", "cpu", "--stages", "filter"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parents[1])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-5000:]
+    flat = " ".join(output.split())
+    assert "error: only" in flat and "pass the quality filter" in flat and "fix: generate more samples" in flat
+    # The flow run's final state carries the message, which is what the UI shows.
+    assert re.search(r"Flow run .* Finished in state Failed\(['\"]only 0 of 3 records", output), output[-3000:]
