@@ -60,18 +60,24 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def jsonl_text(records: Iterable[dict]) -> str:
+    """Records as JSONL, serialized as every log is, so a log rewritten whole (a merge of shard
+    logs) equals one appended record by record byte for byte."""
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+
+
 def append_jsonl(path: Path, records: Iterable[dict]) -> int:
     """Append records in one write and fsync. Returns how many were written."""
-    lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records]
-    if not lines:
+    records = list(records)
+    if not records:
         return 0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(lines))
+        f.write(jsonl_text(records))
         f.flush()
         os.fsync(f.fileno())
-    return len(lines)
+    return len(records)
 
 
 def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:

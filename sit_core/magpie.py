@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import SitConfig
 from .errors import NotEnoughDataError
-from .fileio import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from .fileio import append_jsonl, atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
 from .manifest import StageRun
 from .models import load_causal_lm, release
 from .sampling import Sampling, chat_prompt, generate, item_seed, pre_query_template, stop_token_ids
@@ -58,14 +58,8 @@ def _load_log(log_path: Path, batch_size: int, first_index: int = 0) -> list[dic
     whole = len(attempts) - len(attempts) % batch_size
     if whole != len(attempts):
         attempts = attempts[:whole]
-        atomic_write_text(log_path, "".join(_line(r) for r in attempts))
+        atomic_write_text(log_path, jsonl_text(attempts))
     return attempts
-
-
-def _line(record: dict) -> str:
-    import json
-
-    return json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
 
 
 @dataclass
@@ -252,7 +246,7 @@ def finish(cfg: SitConfig, stage: StageRun, attempts: list[dict], accepted: list
                 "response_truncated": r["response_truncated"], "model": cfg.models.generator}
                for r in accepted[: gen.num_samples]]
     out = output_path(stage.run_dir)
-    atomic_write_text(out, "".join(_line(r) for r in records))
+    atomic_write_text(out, jsonl_text(records))
     stats = {"attempts": len(attempts), "accepted": len(records), "by_status": by_status}
     stats_path = stage.dir / "stats.json"
     atomic_write_json(stats_path, stats)

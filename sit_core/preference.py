@@ -16,23 +16,26 @@ stall watchdog and the stage falls back to stable mode for good if it ever stall
 preference_sampling.py). The pair-selection settings (`num_pairs`, `min_pairs`,
 `min_margin`) do not invalidate the logs: changing them re-selects pairs without running a
 model again.
+
+flows/sharded.py runs the same sampling and scoring sharded over worker processes
+(preference_shards.py), with the same output.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
 from .config import SitConfig
 from .errors import NotEnoughDataError, SitError
-from .fileio import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from .fileio import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
 from .manifest import StageRun, input_hashes, manifest_path, read_manifest
 from .models import release
 from .preference_sampling import BatchWorker, Item, WorkerFailed, load_response_model, sample_batch
@@ -78,24 +81,74 @@ def run(cfg: SitConfig, run_dir: Path, progress: Progress = None) -> dict:
     run_dir = Path(run_dir)
     if (manifest := done_manifest(cfg, run_dir, STAGE)) is not None:
         return manifest
+    stage = begin(cfg, run_dir)
+    work = Work.load(cfg, run_dir)
+    tracker = _Tracker(stage, progress, 2 * work.size)
+
+    responses = {r["key"]: r for r in read_jsonl(stage.dir / RESPONSES, repair=True)}
+    sample_responses(cfg, work.items, responses, stage.dir / RESPONSES, batched(cfg, stage.manifest), stage.event,
+                     tracker.update)
+
+    ordered = work.ordered(responses)
+    candidates = [r for r in ordered if r["response"]]
+    scores = {r["key"]: r["score"] for r in read_jsonl(stage.dir / SCORES, repair=True)}
+    sampled_and_empty = len(ordered) + (len(ordered) - len(candidates))  # an empty response counts as scored
+    score_responses(cfg, candidates, work.instructions, scores, stage.dir / SCORES,
+                    lambda n: tracker.update(sampled_and_empty + n))
+    return finish(cfg, stage, work.kept, ordered, scores)
+
+
+def begin(cfg: SitConfig, run_dir: Path) -> StageRun:
+    """Open (or resume) the stage, over the same logs when only the selection settings changed."""
     previous_selection = _forget_other_selection(cfg, run_dir)
     stage = open_stage(cfg, run_dir, STAGE)
     if previous_selection is not None:
         stage.event("reselect", previous=previous_selection, current=fingerprint(cfg)["selection"])
-    kept = _read_kept(kept_path(run_dir))
-    items = {spec.name: [response_item(cfg, spec.name, rec, k) for rec in kept
-                         for k in range(cfg.preference.responses_per_model)]
-             for spec in cfg.models.response_models}
-    tracker = _Tracker(stage, progress, 2 * sum(len(v) for v in items.values()))
+    return stage
 
-    responses = {r["key"]: r for r in read_jsonl(stage.dir / RESPONSES, repair=True)}
-    _sample_responses(cfg, stage, items, responses, tracker)
 
-    ordered = [responses[it.key] for spec in cfg.models.response_models for it in items[spec.name]]
-    candidates = [r for r in ordered if r["response"]]
-    instructions = {rec["id"]: rec["instruction"] for rec in kept}
-    scores = _score_responses(cfg, stage, candidates, instructions, tracker, len(ordered) - len(candidates))
-    return _finish(cfg, stage, kept, ordered, scores)
+def batched(cfg: SitConfig, manifest: dict) -> bool:
+    """Whether responses are sampled in batches. A stall recorded before a restart still
+    counts: the stage stays in stable mode."""
+    return cfg.preference.generation_batch_size > 1 and not any(e["event"] == "stall" for e in manifest["events"])
+
+
+@dataclass(frozen=True)
+class Work:
+    """The responses the stage makes, derived from kept.jsonl and the config alone, so every
+    process that derives them (the stage, a shard worker) gets the same items in the same order.
+    Every response model answers the same instructions in the same order, so one index range
+    names the same instructions for all of them."""
+
+    kept: list[dict]
+    items: dict[str, list[Item]]  # per response model, in config order
+
+    @classmethod
+    def load(cls, cfg: SitConfig, run_dir: Path) -> Work:
+        kept = _read_kept(kept_path(run_dir))
+        return cls(kept, {spec.name: [response_item(cfg, spec.name, rec, k) for rec in kept
+                                      for k in range(cfg.preference.responses_per_model)]
+                          for spec in cfg.models.response_models})
+
+    @property
+    def per_model(self) -> int:
+        return len(next(iter(self.items.values())))
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.items.values())
+
+    @property
+    def instructions(self) -> dict:
+        return {rec["id"]: rec["instruction"] for rec in self.kept}
+
+    def slice(self, start: int, end: int) -> dict[str, list[Item]]:
+        """Items [start, end) of every model's list."""
+        return {name: items[start:end] for name, items in self.items.items()}
+
+    def ordered(self, responses: dict[str, dict]) -> list[dict]:
+        """Every response, model by model in item order: the order an uninterrupted run logs them in."""
+        return [responses[it.key] for items in self.items.values() for it in items]
 
 
 def _read_kept(path: Path) -> list[dict]:
@@ -150,14 +203,16 @@ class _Tracker:
 # Sampling
 
 
-def _sample_responses(cfg: SitConfig, stage: StageRun, items: dict[str, list[Item]],
-                      responses: dict[str, dict], tracker: _Tracker) -> None:
+def sample_responses(cfg: SitConfig, items: dict[str, list[Item]], responses: dict[str, dict], log_path: Path,
+                     batched: bool, event: Callable[..., None], progress: Callable[[int], None] | None = None) -> None:
+    """Answer the items missing from `responses` into `log_path` (and `responses`).
+
+    `event(kind, **details)` records a stall and the throughput; `progress(n)` hears how many
+    responses there are after each append. Neither touches a manifest here, so a shard worker,
+    which must not write the stage's manifest, runs this same code."""
     p = cfg.preference
-    log_path = stage.dir / RESPONSES
     total = sum(len(v) for v in items.values())
     bar = tqdm(total=total, initial=len(responses), desc="preference responses", unit="response")
-    # A stall recorded before a restart still counts: the stage stays in stable mode.
-    batched = p.generation_batch_size > 1 and not any(e["event"] == "stall" for e in stage.manifest["events"])
     new_tokens, load_seconds, started = 0, 0.0, time.perf_counter()
 
     def record(records: list[dict]) -> None:
@@ -166,7 +221,8 @@ def _sample_responses(cfg: SitConfig, stage: StageRun, items: dict[str, list[Ite
         responses.update((r["key"], r) for r in records)
         new_tokens += sum(r["tokens"] for r in records)
         bar.update(len(records))
-        tracker.update(len(responses))
+        if progress:
+            progress(len(responses))
 
     for spec in cfg.models.response_models:
         if all(it.key in responses for it in items[spec.name]):
@@ -179,8 +235,7 @@ def _sample_responses(cfg: SitConfig, stage: StageRun, items: dict[str, list[Ite
                 # The seeds' batched notebook deadlocked for good; stable mode never did. The
                 # items of the unfinished batch are simply still missing from the log.
                 log.warning("preference: %s; continuing in stable mode for the rest of the stage", e)
-                stage.event("stall", model=spec.name, reason=str(e), stall_timeout_s=p.stall_timeout_s,
-                            fallback="stable")
+                event("stall", model=spec.name, reason=str(e), stall_timeout_s=p.stall_timeout_s, fallback="stable")
                 batched = False
         todo = [it for it in items[spec.name] if it.key not in responses]
         if todo:
@@ -197,19 +252,20 @@ def _sample_responses(cfg: SitConfig, stage: StageRun, items: dict[str, list[Ite
     elapsed = time.perf_counter() - started
     if new_tokens:
         # Loads (and worker start-up) are a fixed cost per model; sampling throughput excludes them.
-        stage.event("generated", tokens=new_tokens, seconds=round(elapsed, 2), load_seconds=round(load_seconds, 2),
-                    tokens_per_sec=round(new_tokens / elapsed, 2),
-                    sampling_tokens_per_sec=round(new_tokens / max(elapsed - load_seconds, 1e-9), 2),
-                    batch_size=p.generation_batch_size)
+        event("generated", tokens=new_tokens, seconds=round(elapsed, 2), load_seconds=round(load_seconds, 2),
+              tokens_per_sec=round(new_tokens / elapsed, 2),
+              sampling_tokens_per_sec=round(new_tokens / max(elapsed - load_seconds, 1e-9), 2),
+              batch_size=p.generation_batch_size)
 
 
 def _sample_batched(cfg: SitConfig, spec, items: list[Item], responses: dict[str, dict],
                     sampling: Sampling, record) -> float:
     """Sample with a worker process; returns its start-up time (spawn and model load).
 
-    Batches are fixed slices of the model's item list. A slice that is partly logged (a
-    kill tore its append) is sampled whole again and only its missing records are kept, so
-    every row sees the same batch mates, and padding, as in an uninterrupted run."""
+    Batches are fixed slices of the model's item list (a shard's list starts on a batch
+    boundary of the whole one). A slice that is partly logged (a kill tore its append) is
+    sampled whole again and only its missing records are kept, so every row sees the same
+    batch mates, and padding, as in an uninterrupted run."""
     p = cfg.preference
     size = p.generation_batch_size
     batches = [items[i:i + size] for i in range(0, len(items), size)]
@@ -233,17 +289,16 @@ def _sample_batched(cfg: SitConfig, spec, items: list[Item], responses: dict[str
 # Scoring
 
 
-def _score_responses(cfg: SitConfig, stage: StageRun, candidates: list[dict], instructions: dict,
-                     tracker: _Tracker, n_empty: int) -> dict[str, float]:
-    """Scores per response key, logged in fixed slices like the batched sampler's."""
-    log_path = stage.dir / SCORES
-    scores = {r["key"]: r["score"] for r in read_jsonl(log_path, repair=True)}
+def score_responses(cfg: SitConfig, candidates: list[dict], instructions: dict, scores: dict[str, float],
+                    log_path: Path, progress: Callable[[int], None] | None = None) -> None:
+    """Score the candidates missing from `scores` into `log_path` (and `scores`), in fixed
+    slices of `candidates` like the batched sampler's (a shard's candidates start on a slice
+    boundary of the whole list). `progress(n)` hears how many scores there are after each append."""
     size = cfg.preference.reward_batch_size
     batches = [candidates[i:i + size] for i in range(0, len(candidates), size)]
     pending = [b for b in batches if any(r["key"] not in scores for r in b)]
     if not pending:
-        return scores
-    done_before = tracker.total // 2 + n_empty
+        return
     scorer = load_scorer(cfg)
     try:
         for batch in tqdm(pending, desc="preference scores", unit="batch"):
@@ -251,10 +306,10 @@ def _score_responses(cfg: SitConfig, stage: StageRun, candidates: list[dict], in
             new = [{"key": r["key"], "score": v} for r, v in zip(batch, values) if r["key"] not in scores]
             append_jsonl(log_path, new)
             scores.update((s["key"], s["score"]) for s in new)
-            tracker.update(done_before + len(scores))
+            if progress:
+                progress(len(scores))
     finally:
         scorer.close()
-    return scores
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,7 +377,8 @@ def select_pairs(groups: list[tuple[dict, list[Candidate]]], num_pairs: int,
     return pairs, decisions
 
 
-def _finish(cfg: SitConfig, stage: StageRun, kept: list[dict], ordered: list[dict], scores: dict[str, float]) -> dict:
+def finish(cfg: SitConfig, stage: StageRun, kept: list[dict], ordered: list[dict], scores: dict[str, float]) -> dict:
+    """Select the pairs from every response (`ordered`) and its score, write the outputs and close the stage."""
     p = cfg.preference
     by_id: dict = {rec["id"]: [] for rec in kept}
     for r in ordered:
@@ -346,7 +402,7 @@ def _finish(cfg: SitConfig, stage: StageRun, kept: list[dict], ordered: list[dic
             f"see {stats_path}",
         )
     out = output_path(stage.run_dir)
-    atomic_write_text(out, "".join(_line(r) for r in pairs))
+    atomic_write_text(out, jsonl_text(pairs))
     stage.progress(2 * len(ordered), 2 * len(ordered))
     stalls = sum(1 for e in stage.manifest.get("events", []) if e["event"] == "stall")
     summary = {k: stats[k] for k in ("instructions", "responses", "empty_responses", "qualifying_pairs", "pairs",
@@ -354,10 +410,6 @@ def _finish(cfg: SitConfig, stage: StageRun, kept: list[dict], ordered: list[dic
     summary["stalls"] = stalls
     summary["tables"] = {"preference_summary": _summary_rows(cfg, stats)}
     return stage.finish([out, stats_path, plot_path], summary)
-
-
-def _line(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
 
 
 # ---------------------------------------------------------------------------------------

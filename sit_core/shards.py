@@ -17,24 +17,73 @@ prefix short, the next wave covers what is still missing. The plan is recorded b
 wave starts, so a resumed run finishes the unfinished shards of the recorded plan (each from
 its own checkpoint) and redoes none of the finished ones. Nothing here imports Prefect: the
 caller runs `generate_shard` wherever it likes (flows/sharded.py uses a process pool).
+
+`Plan` and `split` are the shard bookkeeping the sharded preference stage
+(preference_shards.py) shares.
 """
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import magpie
 from .config import SitConfig
 from .errors import SitError
-from .fileio import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .fileio import atomic_write_json, atomic_write_text, jsonl_text, read_json, read_jsonl
 from .manifest import StageRun
 
 SHARDS_DIR = "shards"
 PLAN = "plan.json"
 
-Shard = tuple[int, int]  # [start, end) attempt indices
+Shard = tuple[int, int]  # [start, end) indices
+
+
+def log_path(directory: Path, shard: Shard) -> Path:
+    return Path(directory) / f"{shard[0]:07d}-{shard[1]:07d}.jsonl"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One kind of sharded work: its plan.json and one log per shard, all in `directory`.
+
+    The plan records the batch size (the config value `setting`) next to the shard ranges:
+    shards are cut on its batch boundaries, and batches are part of what makes a record
+    reproducible, so shards made with another batch size cannot be merged into this run."""
+
+    run_dir: Path
+    stage: str
+    directory: Path
+    batch_size: int
+    setting: str
+
+    def log(self, shard: Shard) -> Path:
+        return log_path(self.directory, shard)
+
+    def read(self) -> list[Shard]:
+        path = self.directory / PLAN
+        if not path.exists():
+            return []
+        plan = read_json(path)
+        if plan["batch_size"] != self.batch_size:
+            raise SitError(f"{self.directory} holds shards made with {self.setting}={plan['batch_size']}, "
+                           f"not {self.batch_size}",
+                           f"set {self.setting}={plan['batch_size']} again to resume, or run "
+                           f"`sit reset {self.run_dir} {self.stage}` to start the stage over")
+        return [tuple(s) for s in plan["shards"]]
+
+    def write(self, shards: list[Shard]) -> None:
+        atomic_write_json(self.directory / PLAN, {"batch_size": self.batch_size, "shards": [list(s) for s in shards]})
+
+
+def split(start: int, end: int, batch: int, n_shards: int) -> list[Shard]:
+    """[start, end) cut into at most n_shards contiguous ranges of whole batches (counted from
+    start), sizes within one batch; only the last range may end mid-batch, at `end`."""
+    n_batches = math.ceil((end - start) / batch)
+    n = max(1, min(n_shards, n_batches))
+    bounds = [min(end, start + batch * (n_batches * i // n)) for i in range(n + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def shards_dir(run_dir: Path) -> Path:
@@ -42,27 +91,11 @@ def shards_dir(run_dir: Path) -> Path:
 
 
 def shard_log(run_dir: Path, shard: Shard) -> Path:
-    return shards_dir(run_dir) / f"{shard[0]:07d}-{shard[1]:07d}.jsonl"
+    return log_path(shards_dir(run_dir), shard)
 
 
-def _read_plan(cfg: SitConfig, run_dir: Path) -> list[Shard]:
-    path = shards_dir(run_dir) / PLAN
-    if not path.exists():
-        return []
-    plan = read_json(path)
-    if plan["batch_size"] != cfg.generation.batch_size:
-        # Batches are part of what makes a record reproducible; shards made with another batch
-        # size cannot be merged into a run with this one.
-        raise SitError(f"{path.parent} holds shards made with generation.batch_size={plan['batch_size']}, "
-                       f"not {cfg.generation.batch_size}",
-                       f"set generation.batch_size={plan['batch_size']} again to resume, or run "
-                       f"`sit reset {run_dir} generate` to start the stage over")
-    return [tuple(s) for s in plan["shards"]]
-
-
-def _write_plan(cfg: SitConfig, run_dir: Path, shards: list[Shard]) -> None:
-    atomic_write_json(shards_dir(run_dir) / PLAN, {"batch_size": cfg.generation.batch_size,
-                                                   "shards": [list(s) for s in shards]})
+def _plan(cfg: SitConfig, run_dir: Path) -> Plan:
+    return Plan(Path(run_dir), magpie.STAGE, shards_dir(run_dir), cfg.generation.batch_size, "generation.batch_size")
 
 
 def _is_finished(run_dir: Path, shard: Shard) -> bool:
@@ -73,7 +106,7 @@ def _is_finished(run_dir: Path, shard: Shard) -> bool:
 def merged_records(cfg: SitConfig, run_dir: Path) -> list[dict]:
     """The raw attempts of all finished shards, in index order, up to the first gap."""
     by_index: dict[int, dict] = {}
-    for shard in _read_plan(cfg, run_dir):
+    for shard in _plan(cfg, run_dir).read():
         if _is_finished(run_dir, shard):
             for rec in read_jsonl(shard_log(run_dir, shard), repair=True)[: shard[1] - shard[0]]:
                 by_index[rec["index"]] = rec
@@ -83,18 +116,10 @@ def merged_records(cfg: SitConfig, run_dir: Path) -> list[dict]:
     return records
 
 
-def split(start: int, end: int, batch: int, n_shards: int) -> list[Shard]:
-    """[start, end) cut into at most n_shards contiguous ranges of whole batches, sizes within one batch."""
-    n_batches = (end - start) // batch
-    n = max(1, min(n_shards, n_batches))
-    bounds = [start + batch * (n_batches * i // n) for i in range(n + 1)]
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
 def pending_shards(cfg: SitConfig, run_dir: Path, n_shards: int) -> list[Shard]:
     """The shards to generate next: the unfinished ones of the recorded plan, else a new wave
     (recorded before it is returned), else [] when the merged attempts are enough."""
-    plan = _read_plan(cfg, run_dir)
+    plan = _plan(cfg, run_dir).read()
     unfinished = [s for s in plan if not _is_finished(run_dir, s)]
     if unfinished:
         return unfinished
@@ -111,7 +136,7 @@ def pending_shards(cfg: SitConfig, run_dir: Path, n_shards: int) -> list[Shard]:
     span = max(math.ceil(missing / batch), n_shards) * batch
     start = len(records)
     wave = split(start, min(start + span, limit), batch, n_shards)
-    _write_plan(cfg, run_dir, plan + wave)
+    _plan(cfg, run_dir).write(plan + wave)
     return wave
 
 
@@ -133,8 +158,6 @@ def finish(cfg: SitConfig, stage: StageRun) -> dict:
     """Merge the shards into the stage's attempts.jsonl (the log a single-process run writes) and
     finish the stage exactly as magpie.run() does."""
     outcome = magpie.replay(cfg, merged_records(cfg, stage.run_dir))
-    # Same serialization as fileio.append_jsonl, so the file equals a single-process run's byte for byte.
-    lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in outcome.attempts)
-    atomic_write_text(stage.dir / magpie.ATTEMPTS, lines)
-    stage.event("merged_shards", shards=len(_read_plan(cfg, stage.run_dir)), attempts=len(outcome.attempts))
+    atomic_write_text(stage.dir / magpie.ATTEMPTS, jsonl_text(outcome.attempts))
+    stage.event("merged_shards", shards=len(_plan(cfg, stage.run_dir).read()), attempts=len(outcome.attempts))
     return magpie.finish(cfg, stage, outcome.attempts, outcome.accepted)

@@ -30,6 +30,25 @@ def run_dir(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_process():
+    """Two cores shared with other test runs: torch's default two intra-op threads per process
+    spin against each other and sampling got ~20x slower than with one. OMP_NUM_THREADS
+    reaches subprocesses and spawned workers, so every process computes with one thread and
+    float results compare exactly across processes."""
+    import torch
+
+    before_env, before = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    if before_env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = before_env
+
+
 def run_flow_script(script: str, run_dir: Path, prefect_home: Path, overrides: list[str]) -> dict:
     """Run a Python snippet that calls a flow and prints `RESULT <json>`, in a fresh process
     with its own PREFECT_HOME (a new machine, as far as Prefect can tell)."""

@@ -26,6 +26,8 @@ from sit_core.fileio import read_json, read_jsonl
 from sit_core.preference import Candidate, pick_pair, select_pairs
 from sit_core.preference_sampling import HANG_ENV
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_process")
+
 REPO = Path(__file__).resolve().parents[1]
 KEPT = [
     {"id": 0, "instruction": "Name three primary colors.", "response": "Red, yellow and blue."},
@@ -57,24 +59,6 @@ def make_run_dir(path: Path) -> Path:
 
 def responses_by_key(run_dir: Path) -> dict[str, str]:
     return {r["key"]: r["response"] for r in read_jsonl(run_dir / "preference" / "responses.jsonl")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_process():
-    """Two cores shared with other test runs: torch's default two intra-op threads per process
-    spin against each other and sampling got ~20x slower than with one. OMP_NUM_THREADS
-    reaches the subprocess and the spawned worker."""
-    import torch
-
-    before_env, before = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    if before_env is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = before_env
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""Sharded Magpie generation through Prefect's ProcessPoolTaskRunner with 2 workers on this CPU:
-the merged stage files equal a single-process run's byte for byte, and a resume redoes only
-the unfinished shard."""
+"""Sharded Magpie generation and preference stage through Prefect's ProcessPoolTaskRunner with 2
+workers on this CPU: the merged stage files equal a single-process run's byte for byte, and a
+resume redoes only the unfinished shard."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import run_flow_script
 
-from sit_core import magpie, shards
+from sit_core import magpie, preference, preference_shards, shards
 from sit_core.config import load_config
+from sit_core.fileio import read_json, read_jsonl, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +27,13 @@ RUN_SHARDED = textwrap.dedent("""
     import json, sys
     from flows.sharded import synthetic_instruction_tuner_sharded
     result = synthetic_instruction_tuner_sharded(run_dir=sys.argv[1], preset="demo", profile="cpu",
-                                                 overrides=sys.argv[2:], stages=["generate"], workers=2)
+                                                 overrides=sys.argv[3:], stages=[sys.argv[2]], workers=2)
     print("RESULT " + json.dumps(result))
 """)
 
 
-def run_sharded(run_dir: Path, prefect_home: Path) -> dict:
-    return run_flow_script(RUN_SHARDED, run_dir, prefect_home, OVERRIDES)
+def run_sharded(run_dir: Path, prefect_home: Path, stage: str = "generate", overrides=OVERRIDES) -> dict:
+    return run_flow_script(RUN_SHARDED, run_dir, prefect_home, [stage, *overrides])
 
 
 def test_split_is_whole_batches_and_covers_the_range():
@@ -68,3 +69,88 @@ def test_two_workers_equal_one_and_resume_redoes_only_unfinished_shards(tmp_path
     assert first.stat().st_mtime_ns == first_mtime  # the finished shard was not redone
     for name in FILES:
         assert (resumed / "generate" / name).read_bytes() == (reference / "generate" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------
+# The preference stage: 5 instructions, 2 response models, 8 new tokens, batched sampling.
+
+PREF_KEPT = [{"id": i, "instruction": q} for i, q in enumerate([
+    "Name three primary colors.", "Write a haiku about the sea.", "Explain in one sentence what a CPU does.",
+    "Give a synonym for happy.", "What is the capital of France?"])]
+PREF_MODELS = [
+    {"name": "greedy", "model": "embedded:smollm2-135m-instruct", "temperature": 0.0, "top_p": 1.0},
+    {"name": "hot", "model": "embedded:smollm2-135m-instruct", "temperature": 1.0, "top_p": 0.95},
+]
+# Batches of 2 over 5 items per model make the response shards [0, 2) and [2, 5): a shard
+# boundary must fall on a batch boundary, and the last batch is a short one. Scoring slices of 3
+# make the score shards cut inside what one model answered.
+PREF_OVERRIDES = [f"models.response_models={json.dumps(PREF_MODELS)}", "preference.max_new_tokens=8",
+                  "preference.num_pairs=2", "preference.min_pairs=1", "preference.min_margin=0.0",
+                  "preference.generation_batch_size=2", "preference.reward_batch_size=3"]
+PREF_FILES = ("responses.jsonl", "scores.jsonl", "pairs.jsonl", "stats.json")
+
+
+def pref_run_dir(path: Path) -> Path:
+    (path / "filter").mkdir(parents=True)
+    (path / "filter" / "kept.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PREF_KEPT))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pref_one_process(one_thread_per_process, tmp_path_factory, smollm2_path) -> Path:
+    run_dir = pref_run_dir(tmp_path_factory.mktemp("pref") / "one-process")
+    preference.run(load_config(None, preset="demo", profile="cpu", overrides=PREF_OVERRIDES), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def pref_sharded(one_thread_per_process, tmp_path_factory, smollm2_path) -> tuple[Path, dict]:
+    base = tmp_path_factory.mktemp("pref")
+    run_dir = pref_run_dir(base / "two-workers")
+    return run_dir, run_sharded(run_dir, base / "home", "preference", PREF_OVERRIDES)
+
+
+def shard_events(run_dir: Path, kind: str) -> list[list[int]]:
+    return sorted(e["shard"] for e in read_json(run_dir / "preference" / "manifest.json")["events"]
+                  if e["event"] == kind)
+
+
+def test_two_workers_sample_and_score_the_preference_stage_as_one_process_does(pref_one_process, pref_sharded):
+    run_dir, result = pref_sharded
+    assert result["preference"]["status"] == "done"
+    shards_dir = preference_shards.shards_dir(run_dir)
+    assert read_json(shards_dir / "responses" / "plan.json") == {"batch_size": 2, "shards": [[0, 2], [2, 5]]}
+    candidates = sum(1 for r in read_jsonl(pref_one_process / "preference" / "responses.jsonl") if r["response"])
+    score_plan = read_json(shards_dir / "scores" / "plan.json")
+    assert score_plan["shards"] == [list(s) for s in shards.split(0, candidates, 3, 2)]
+    assert len(score_plan["shards"]) == 2
+    for name in PREF_FILES:
+        assert (run_dir / "preference" / name).read_bytes() == (pref_one_process / "preference" / name).read_bytes(), name
+    # Each worker's throughput reached the manifest through the parent.
+    assert shard_events(run_dir, "generated") == [[0, 2], [2, 5]]
+    manifest = read_json(run_dir / "preference" / "manifest.json")
+    assert manifest["progress"] == {"done": 20, "total": 20}
+
+
+def test_preference_resume_redoes_only_the_unfinished_shard(pref_one_process, pref_sharded, tmp_path):
+    cfg = load_config(None, preset="demo", profile="cpu", overrides=PREF_OVERRIDES)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(pref_sharded[0], resumed)
+    # A run killed while sampling: the first response shard finished, the last one part-way
+    # through its second model with a torn append; nothing merged or scored, no manifest.
+    stage = resumed / "preference"
+    for name in (*PREF_FILES, "score_histogram.png", "manifest.json"):
+        (stage / name).unlink()
+    shutil.rmtree(preference_shards.shards_dir(resumed) / "scores")
+    plan = preference_shards.response_plan(cfg, resumed)
+    first, last = plan.log((0, 2)), plan.log((2, 5))
+    last.write_text("".join(last.read_text().splitlines(keepends=True)[:4]) + '{"key": "hot:3:0", "resp')
+    first_before = (first.stat().st_mtime_ns, sha256_file(first))
+    assert preference_shards.pending_response_shards(cfg, resumed, 2) == [(2, 5)]
+
+    run_sharded(resumed, tmp_path / "home", "preference", PREF_OVERRIDES)
+    assert (first.stat().st_mtime_ns, sha256_file(first)) == first_before  # the finished shard was not redone
+    assert shard_events(resumed, "generated") == [[2, 5]]
+    assert len(read_jsonl(last)) == 6
+    for name in PREF_FILES:
+        assert (stage / name).read_bytes() == (pref_one_process / "preference" / name).read_bytes(), name
