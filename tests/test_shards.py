@@ -15,6 +15,7 @@ from conftest import run_flow_script
 from sit_core import magpie, preference, preference_shards, shards
 from sit_core.config import load_config
 from sit_core.fileio import read_json, read_jsonl, sha256_file
+from sit_core.preference_sampling import HANG_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -154,3 +155,16 @@ def test_preference_resume_redoes_only_the_unfinished_shard(pref_one_process, pr
     assert len(read_jsonl(last)) == 6
     for name in PREF_FILES:
         assert (stage / name).read_bytes() == (pref_one_process / "preference" / name).read_bytes(), name
+
+
+def test_a_stall_in_a_shard_is_recorded_by_the_parent_and_that_shard_falls_back(pref_one_process, tmp_path,
+                                                                                 monkeypatch):
+    # Each batched worker's second generate() hangs: only the shard [2, 5) has a second batch.
+    monkeypatch.setenv(HANG_ENV, "2")
+    run_dir = pref_run_dir(tmp_path / "run")
+    result = run_sharded(run_dir, tmp_path / "home", "preference", [*PREF_OVERRIDES, "preference.stall_timeout_s=4"])
+    assert result["preference"]["stats"]["stalls"] == 1
+    stalls = [e for e in read_json(run_dir / "preference" / "manifest.json")["events"] if e["event"] == "stall"]
+    assert [(e["shard"], e["model"], e["fallback"]) for e in stalls] == [([2, 5], "greedy", "stable")]
+    keys = [r["key"] for r in read_jsonl(run_dir / "preference" / "responses.jsonl")]
+    assert keys == [r["key"] for r in read_jsonl(pref_one_process / "preference" / "responses.jsonl")]
