@@ -167,6 +167,7 @@ class TrainingConfig(_Section):
     prompt_tuning_learning_rate: float = Field(3e-2, gt=0)
     prompt_tuning_epochs: float = Field(3, gt=0)
     prompt_tuning_batch_size: int = Field(4, ge=1, json_schema_extra=PERF)
+    prompt_tuning_gradient_accumulation_steps: int | None = Field(None, ge=1, json_schema_extra=PERF)
     validation_size: int = Field(100, ge=1)
     max_seq_length: int = Field(1024, ge=16)
     sft_warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -185,6 +186,19 @@ class TrainingConfig(_Section):
         1, ge=1, json_schema_extra=PERF,
         description="data-parallel training processes (one per GPU), started with `accelerate launch` (DDP); "
                     "the effective batch stays the profile's, split over the processes")
+
+    def batch(self, method: str) -> tuple[int, int]:
+        """(per-device batch, gradient accumulation) of a training method: 'sft',
+        'prompt_tuning' or 'dpo'. Their product is the method's effective batch."""
+        size, accumulation = BATCH_FIELDS[method]
+        return getattr(self, size), getattr(self, accumulation) or self.gradient_accumulation_steps
+
+
+# Each training method's (per-device batch, gradient accumulation) fields. Prompt tuning and DPO
+# fall back to the shared accumulation when theirs is unset.
+BATCH_FIELDS = {"sft": ("sft_batch_size", "gradient_accumulation_steps"),
+                "prompt_tuning": ("prompt_tuning_batch_size", "prompt_tuning_gradient_accumulation_steps"),
+                "dpo": ("dpo_batch_size", "dpo_gradient_accumulation_steps")}
 
 
 class AgentEvalConfig(_Section):

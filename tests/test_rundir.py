@@ -97,3 +97,31 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(SitError, match="not writable"):
         ensure_writable(blocker / "run")
+
+
+def test_a_run_keeps_its_effective_batches_on_other_hardware(tmp_path):
+    """Started on a T4 (SFT 4 x 4 = 16), continued on an A100, whose profile says 12 x 2 = 24:
+    the run keeps 16, so every training stage's fingerprint, and its half-trained checkpoints,
+    stay valid. Prompt tuning's and DPO's effective batches stay too, though SFT's accumulation
+    (which they share by default) changes."""
+    from sit_core.pipeline import resolve_config
+    from sit_core.training import dpo, prompt_tuning, sft
+
+    run_dir = tmp_path / "run"
+    on_t4, source = resolve_config(run_dir, None, "colab-t4", "t4", None)
+    run_dir.mkdir()
+    record_run(run_dir, on_t4, source)
+
+    on_a100, _ = resolve_config(run_dir, None, None, "a100", None)  # `sit run --run-dir D` on the new VM
+
+    t = on_a100.training
+    assert (t.sft_batch_size, t.gradient_accumulation_steps) == (8, 2)  # at most the A100's 12 per device
+    assert t.precision == "bf16" and on_a100.profile == "a100"  # the rest of the profile applies
+    for stage in (sft, prompt_tuning, dpo):
+        assert stage.fingerprint(on_a100) == stage.fingerprint(on_t4), stage.STAGE
+    fresh, _ = resolve_config(tmp_path / "new-run", None, "colab-t4", "a100", None)
+    assert sft.fingerprint(fresh) != sft.fingerprint(on_t4)  # a new run takes the profile's batch as is
+
+    # A batch the user names is theirs: no adjustment (a changed recipe is refused later, with the key named).
+    named, _ = resolve_config(run_dir, None, None, "a100", ["training.sft_batch_size=12"])
+    assert (named.training.sft_batch_size, named.training.gradient_accumulation_steps) == (12, 2)

@@ -34,13 +34,8 @@ def input_paths(cfg: SitConfig, run_dir: Path) -> list[Path]:
             sft_adapter_dir(run_dir) / "adapter_model.safetensors"]
 
 
-def _batch(cfg: SitConfig) -> tuple[int, int]:
-    t = cfg.training
-    return t.dpo_batch_size, t.dpo_gradient_accumulation_steps or t.gradient_accumulation_steps
-
-
 def fingerprint(cfg: SitConfig) -> dict:
-    return _fingerprint(cfg, FIELDS, *_batch(cfg))
+    return _fingerprint(cfg, FIELDS, *cfg.training.batch(STAGE))
 
 
 def validation_size(cfg: SitConfig, n_pairs: int) -> int:
@@ -66,7 +61,7 @@ def method(cfg: SitConfig, run_dir: Path) -> Method:
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     train, val = split_records(rows, validation_size(cfg, len(rows)), cfg.seed, STAGE)
     t = cfg.training
-    batch, grad_accum = _batch(cfg)
+    batch, grad_accum = t.batch(STAGE)
     adapter = sft_adapter_dir(run_dir)
 
     def build_model(cfg, hw, tokenizer):

@@ -21,12 +21,13 @@ INIT_TEXT = "Answer the following instruction helpfully and accurately:"
 
 
 def fingerprint(cfg: SitConfig) -> dict:
-    return _fingerprint(cfg, FIELDS, cfg.training.prompt_tuning_batch_size, cfg.training.gradient_accumulation_steps)
+    return _fingerprint(cfg, FIELDS, *cfg.training.batch(STAGE))
 
 
 def method(cfg: SitConfig, run_dir: Path) -> Method:
     train, val = instruction_split(cfg, run_dir, STAGE)
     t = cfg.training
+    batch, grad_accum = t.batch(STAGE)
 
     def build_model(cfg, hw, tokenizer):
         from peft import PromptTuningConfig, get_peft_model
@@ -41,8 +42,7 @@ def method(cfg: SitConfig, run_dir: Path) -> Method:
 
     return Method(
         stage=STAGE, learning_rate=t.prompt_tuning_learning_rate, epochs=t.prompt_tuning_epochs,
-        warmup_ratio=t.sft_warmup_ratio, batch_size=t.prompt_tuning_batch_size,
-        grad_accum=t.gradient_accumulation_steps, save_steps=t.sft_save_steps,
+        warmup_ratio=t.sft_warmup_ratio, batch_size=batch, grad_accum=grad_accum, save_steps=t.sft_save_steps,
         train_rows=train, eval_rows=val, build_model=build_model,
         # the virtual tokens take room in the context, so the text gets that much less
         make_trainer=lambda *a: make_sft_trainer(*a, max_length=t.max_seq_length - t.prompt_tuning_virtual_tokens),

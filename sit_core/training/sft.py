@@ -28,7 +28,7 @@ def input_paths(cfg: SitConfig, run_dir: Path) -> list[Path]:
 
 
 def fingerprint(cfg: SitConfig) -> dict:
-    return _fingerprint(cfg, FIELDS, cfg.training.sft_batch_size, cfg.training.gradient_accumulation_steps)
+    return _fingerprint(cfg, FIELDS, *cfg.training.batch(STAGE))
 
 
 def instruction_split(cfg: SitConfig, run_dir: Path, stage: str) -> tuple[list[dict], list[dict]]:
@@ -52,6 +52,7 @@ def method(cfg: SitConfig, run_dir: Path) -> Method:
     train, val = instruction_split(cfg, run_dir, STAGE)
     targets = check_lora_targets(cfg)
     t = cfg.training
+    batch, grad_accum = t.batch(STAGE)
 
     def build_model(cfg, hw, tokenizer):
         from peft import get_peft_model
@@ -60,7 +61,7 @@ def method(cfg: SitConfig, run_dir: Path) -> Method:
 
     return Method(
         stage=STAGE, learning_rate=t.sft_learning_rate, epochs=t.sft_epochs, warmup_ratio=t.sft_warmup_ratio,
-        batch_size=t.sft_batch_size, grad_accum=t.gradient_accumulation_steps, save_steps=t.sft_save_steps,
+        batch_size=batch, grad_accum=grad_accum, save_steps=t.sft_save_steps,
         train_rows=train, eval_rows=val, build_model=build_model,
         make_trainer=lambda *a: make_sft_trainer(*a, max_length=t.max_seq_length),
         describe={"lora_config": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
