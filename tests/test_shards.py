@@ -17,7 +17,10 @@ from sit_core.config import load_config
 from sit_core.fileio import read_json, read_jsonl, sha256_file
 from sit_core.preference_sampling import HANG_ENV
 
-pytestmark = pytest.mark.slow
+# One torch thread in every process: two workers with two threads each on two shared cores
+# spin against each other (the Magpie test took 63 s on an idle machine, 650 s beside another
+# test run), and the in-process references then compute with the same thread count as the workers.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread_per_process")]
 
 OVERRIDES = ["generation.num_samples=6", "filter.target_count=2", "filter.min_count=1", "preference.num_pairs=1",
              "generation.instruction_max_tokens=40", "generation.response_max_tokens=24",
