@@ -24,11 +24,12 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from flows.pipeline import _run_stages
+from flows.pipeline import _run_stages, fails_cleanly
 from sit_core import magpie, preference, preference_shards, shards
 from sit_core.config import SitConfig
 from sit_core.pipeline import prepare_run
 from sit_core.stages import done_manifest, open_stage
+from tasks.stage_tasks import publish_artifacts
 
 # The device this worker process claimed at start-up (None: leave CUDA_VISIBLE_DEVICES alone).
 _DEVICE: str | None = None
@@ -143,6 +144,7 @@ SHARDED_STAGES = {magpie.STAGE: sharded_generate, preference.STAGE: sharded_pref
 
 
 @flow(name="synthetic_instruction_tuner_sharded", log_prints=True)
+@fails_cleanly
 def synthetic_instruction_tuner_sharded(
     run_dir: str = "runs/demo",
     config: dict | str | None = None,
@@ -163,6 +165,7 @@ def synthetic_instruction_tuner_sharded(
                 results.update(_run_stages(run.cfg, run.run_dir, [stage]))
                 continue
             manifest = SHARDED_STAGES[stage](run.cfg, run.run_dir, workers, devices)
+            publish_artifacts(stage, manifest, run.run_dir)  # the stage's tables, on the flow run
             results[stage] = {"stage": stage, "status": manifest.get("status"),
                               "outputs": manifest.get("outputs", {}), "stats": manifest.get("stats", {})}
         return results

@@ -30,8 +30,11 @@ FILES = ("generated.jsonl", "attempts.jsonl", "stats.json")
 RUN_SHARDED = textwrap.dedent("""
     import json, sys
     from flows.sharded import synthetic_instruction_tuner_sharded
+    from prefect import get_client
     result = synthetic_instruction_tuner_sharded(run_dir=sys.argv[1], preset="demo", profile="cpu",
                                                  overrides=sys.argv[3:], stages=[sys.argv[2]], workers=2)
+    with get_client(sync_client=True) as client:  # what the UI lists for the run
+        result["artifacts"] = sorted({a.key for a in client.read_artifacts() if a.key})
     print("RESULT " + json.dumps(result))
 """)
 
@@ -134,6 +137,7 @@ def test_two_workers_sample_and_score_the_preference_stage_as_one_process_does(p
     assert shard_events(run_dir, "generated") == [[0, 2], [2, 5]]
     manifest = read_json(run_dir / "preference" / "manifest.json")
     assert manifest["progress"] == {"done": 20, "total": 20}
+    assert "preference-preference-summary" in result["artifacts"]  # the stage's table, as unsharded
 
 
 def test_preference_resume_redoes_only_the_unfinished_shard(pref_one_process, pref_sharded, tmp_path):
