@@ -40,6 +40,9 @@ def run(
     stages: Optional[str] = typer.Option(None, "--stages", help="comma-separated subset, e.g. generate,filter"),
     hub_repo: Optional[str] = typer.Option(None, "--hub-repo", help="user/name: mirror the run dir to a private hub repo"),
     overrides: Optional[List[str]] = SetOpt,
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="shard generation and preference pairs over N worker processes"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="shard them one worker per GPU, e.g. 0,1,2,3"),
 ) -> None:
     """Run the pipeline (the embedded demo on CPU with no arguments). Rerun the same command
     to resume: finished stages are skipped, partial ones continue from their checkpoints."""
@@ -53,11 +56,17 @@ def run(
         # Configuration, model, lock and run.json mistakes: one clear error, before Prefect starts.
         check_run(run_dir, str(config) if config else None, preset=preset, profile=profile, overrides=overrides,
                   stages=stages.split(",") if stages else None)
-        from flows.pipeline import synthetic_instruction_tuner
+        arguments = dict(run_dir=str(run_dir), config=str(config) if config else None, preset=preset,
+                         profile=profile, overrides=overrides, stages=stages.split(",") if stages else None)
+        if workers or devices:
+            from flows.sharded import synthetic_instruction_tuner_sharded
 
-        result = synthetic_instruction_tuner(
-            run_dir=str(run_dir), config=str(config) if config else None, preset=preset, profile=profile,
-            overrides=overrides, stages=stages.split(",") if stages else None)
+            result = synthetic_instruction_tuner_sharded(**arguments, workers=workers or 1,
+                                                         devices=devices.split(",") if devices else None)
+        else:
+            from flows.pipeline import synthetic_instruction_tuner
+
+            result = synthetic_instruction_tuner(**arguments)
     except SitError as err:
         _fail(err)
     for stage, summary in (result or {}).items():

@@ -175,3 +175,26 @@ def test_a_stall_in_a_shard_is_recorded_by_the_parent_and_that_shard_falls_back(
     assert [(e["shard"], e["model"], e["fallback"]) for e in stalls] == [([2, 5], "greedy", "stable")]
     keys = [r["key"] for r in read_jsonl(run_dir / "preference" / "responses.jsonl")]
     assert keys == [r["key"] for r in read_jsonl(pref_one_process / "preference" / "responses.jsonl")]
+
+
+@pytest.mark.parametrize("flags, flow, extra", [
+    (["--devices", "0,1"], "sharded", {"workers": 1, "devices": ["0", "1"]}),
+    (["--workers", "2"], "sharded", {"workers": 2, "devices": None}),
+    ([], "plain", {}),
+])
+def test_sit_run_picks_the_sharded_flow_for_workers_or_devices(tmp_path, monkeypatch, flags, flow, extra):
+    import flows.pipeline
+    import flows.sharded
+    from typer.testing import CliRunner
+
+    from sit_cli.main import app
+
+    calls = {}
+    monkeypatch.setattr(flows.sharded, "synthetic_instruction_tuner_sharded", lambda **kw: calls.update(sharded=kw))
+    monkeypatch.setattr(flows.pipeline, "synthetic_instruction_tuner", lambda **kw: calls.update(plain=kw))
+    result = CliRunner().invoke(app, ["run", "--run-dir", str(tmp_path / "run"), "--preset", "demo", "--profile", "cpu",
+                                      "--stages", "generate", *flags])
+    assert result.exit_code == 0, result.output
+    assert list(calls) == [flow]
+    assert calls[flow]["stages"] == ["generate"] and calls[flow]["preset"] == "demo"
+    assert {k: calls[flow][k] for k in extra} == extra
