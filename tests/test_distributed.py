@@ -39,6 +39,18 @@ def test_unsplittable_batch_fails_before_any_process_starts(run_dir, smollm2_pat
         sft.run(tiny_cfg("training.num_processes=3"), run_dir)
 
 
+def test_more_processes_than_gpus_fails_before_any_process_starts(run_dir, smollm2_path, monkeypatch):
+    import torch
+
+    write_inputs(run_dir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a launch was started"))
+    with pytest.raises(SitError, match=r"num_processes=2, but only 1 GPU\(s\) are visible") as e:
+        sft.run(tiny_cfg("training.num_processes=2"), run_dir)
+    assert "at most 1" in e.value.fix
+
+
 class Interrupted(Exception):
     pass
 

@@ -124,7 +124,9 @@ def launch(cfg: SitConfig, run_dir: Path, stage: str, batch: int, grad_accum: in
     from .common import backoff
 
     processes = cfg.training.num_processes
-    split_batch(batch, grad_accum, processes)  # a bad split fails here, before any process starts
+    # Bad settings fail here, before any process starts.
+    split_batch(batch, grad_accum, processes)
+    _check_devices(processes)
     marker = Path(run_dir) / stage / OOM_MARKER
     fd, name = tempfile.mkstemp(prefix=f"sit-{stage}-", suffix=".json")
     os.close(fd)
@@ -159,6 +161,17 @@ def launch(cfg: SitConfig, run_dir: Path, stage: str, batch: int, grad_accum: in
         raise SitError(f"the ranks of stage '{stage}' exited cleanly but left no finished manifest",
                        "rerun the same command; training resumes from its last complete checkpoint")
     return manifest
+
+
+def _check_devices(processes: int) -> None:
+    """One rank per GPU: NCCL refuses two ranks on one device. Without CUDA the ranks are CPU
+    processes on gloo, as many as asked."""
+    import torch
+
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise SitError(f"training.num_processes={processes}, but only {torch.cuda.device_count()} GPU(s) are visible",
+                       f"set training.num_processes to at most {torch.cuda.device_count()} (or make more GPUs visible "
+                       "with CUDA_VISIBLE_DEVICES)")
 
 
 def _wait(command: list[str], run_dir: Path, stage: str, progress: Progress) -> int:
