@@ -7,9 +7,11 @@ The flow side includes everything Prefect adds: its import, the temporary local 
 (the default with no PREFECT_API_URL), task-run bookkeeping, cache-key hashing, result
 persistence and artifacts. The fixed part (an empty flow in a fresh process) is printed
 separately: it does not grow with the work, so on a short run it dominates the ratio.
+With --api-url the flow side reports to a running server (`sit server`) instead, as runs on
+the deployment VM do: no temporary server per process.
 Goal: overhead <= 3% of the work. Prints; asserts nothing.
 
-    .venv/bin/python bench/bench_orchestration.py [--samples 16] [--repeats 2]
+    .venv/bin/python bench/bench_orchestration.py [--samples 16] [--repeats 2] [--api-url http://127.0.0.1:4200/api]
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ FLOW = textwrap.dedent("""
 """)
 
 
-def timed(script: str, run_dir: Path, overrides: list[str], prefect_home: Path) -> float:
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": "", "OMP_NUM_THREADS": "1",
+def timed(script: str, run_dir: Path, overrides: list[str], prefect_home: Path, api_url: str | None = None) -> float:
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", script, str(run_dir), *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True)
@@ -62,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=16, help="Magpie samples generated on each side")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--api-url", help="a running Prefect server's API (default: a temporary server per process)")
     args = ap.parse_args()
     overrides = [f"generation.num_samples={args.samples}", f"filter.target_count={args.samples}",
                  "preference.num_pairs=1", "generation.instruction_max_tokens=40", "generation.response_max_tokens=64"]
@@ -69,8 +75,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sit-bench-orch-") as tmp:
         for i in range(args.repeats):
             direct.append(timed(DIRECT, Path(tmp) / f"direct-{i}", overrides, Path(tmp) / f"home-d{i}"))
-            flow.append(timed(FLOW, Path(tmp) / f"flow-{i}", overrides, Path(tmp) / f"home-f{i}"))
-        fixed = timed(EMPTY_FLOW, Path(tmp) / "empty", [], Path(tmp) / "home-empty")
+            flow.append(timed(FLOW, Path(tmp) / f"flow-{i}", overrides, Path(tmp) / f"home-f{i}", args.api_url))
+        fixed = timed(EMPTY_FLOW, Path(tmp) / "empty", [], Path(tmp) / "home-empty", args.api_url)
         fixed -= timed("pass", Path(tmp) / "bare", [], Path(tmp) / "home-bare")  # the interpreter's own start
     d, f = statistics.median(direct), statistics.median(flow)
     print(f"generation of {args.samples} samples, median of {args.repeats}: direct run_pipeline {d:.1f}s, "
@@ -81,7 +87,8 @@ def main() -> None:
     print(f"orchestration overhead: {f - d:+.1f}s = {(f - d) / d * 100:+.1f}% (goal <= 3%: "
           f"{'met' if (f - d) / d <= 0.03 else 'missed'}); run-to-run spread "
           + (f"{spread:.1f}%" if spread is not None else "unknown (one repeat)"))
-    print(f"of which Prefect's fixed start-up per process (an empty flow: import, temporary server): {fixed:.1f}s; "
+    server = f"reporting to {args.api_url}" if args.api_url else "temporary server"
+    print(f"of which Prefect's fixed start-up per process (an empty flow: import, {server}): {fixed:.1f}s; "
           f"the rest, which grows with the work: {(f - d - fixed) / d * 100:+.1f}%")
 
 
