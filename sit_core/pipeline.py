@@ -117,6 +117,10 @@ def check_run(run_dir: str | Path, config: dict | str | Path | None = None, *, p
         raise ConfigError(f"unknown stage(s): {', '.join(unknown)}", f"stages are: {', '.join(STAGE_ORDER)}")
     todo = [s for s in STAGE_ORDER if s in wanted and s in available_stages()]
     check_models(cfg, todo)
+    if cfg.training.num_processes > 1:
+        from .training.distributed import check_processes
+
+        check_processes(cfg, [s for s in todo if s in BATCH_FIELDS])  # the training stages
     check_unlocked(path)
     check_run_record(path, cfg)
     return path, cfg, source, todo

@@ -26,6 +26,8 @@ def reset_run(run_dir: Path, first_stage: str) -> list[str]:
     results), on the hub mirror too. Returns the stages that were present locally."""
     run_dir = Path(run_dir)
     doomed = stages_from(first_stage)
+    if not run_dir.is_dir():
+        raise SitError(f"there is no run directory {run_dir}", "check the path (`sit status DIR` lists a run's stages)")
 
     def discarded(rel: str) -> bool:
         parts = rel.split("/")

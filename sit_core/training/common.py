@@ -355,7 +355,7 @@ def train_stage(cfg: SitConfig, run_dir: Path, stage: str, method_factory: Calla
     method = method_factory(cfg, Path(run_dir))  # reads and checks the data: no model loaded yet
     rank, processes = distributed.world()
     if processes == 1 and cfg.training.num_processes > 1:
-        return distributed.launch(cfg, Path(run_dir), stage, method.batch_size, method.grad_accum, progress)
+        return distributed.launch(cfg, Path(run_dir), stage, progress)
     hw = hardware(cfg)
     group = distributed.start(cpu=hw.device != "cuda")
     with distributed.rank0_first(group):

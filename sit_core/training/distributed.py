@@ -119,14 +119,21 @@ def launch_command(run_dir: Path, stage: str, config_path: Path, processes: int)
             "-m", "sit_core.training.distributed", str(run_dir), stage, str(config_path)]
 
 
-def launch(cfg: SitConfig, run_dir: Path, stage: str, batch: int, grad_accum: int, progress: Progress = None) -> dict:
+def check_processes(cfg: SitConfig, stages: list[str]) -> None:
+    """Settings no launch could run with, refused before anything starts (`sit run` checks them
+    before Prefect starts, too): an effective batch the processes cannot share, or more
+    processes than GPUs."""
+    for stage in stages:
+        split_batch(*cfg.training.batch(stage), cfg.training.num_processes)
+    _check_devices(cfg.training.num_processes)
+
+
+def launch(cfg: SitConfig, run_dir: Path, stage: str, progress: Progress = None) -> dict:
     """Train `stage` on cfg.training.num_processes ranks; returns its finished manifest."""
     from .common import backoff
 
     processes = cfg.training.num_processes
-    # Bad settings fail here, before any process starts.
-    split_batch(batch, grad_accum, processes)
-    _check_devices(processes)
+    check_processes(cfg, [stage])
     marker = Path(run_dir) / stage / OOM_MARKER
     fd, name = tempfile.mkstemp(prefix=f"sit-{stage}-", suffix=".json")
     os.close(fd)
