@@ -40,7 +40,7 @@ def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str]) -> dict:
     return results
 
 
-@flow(name="synthetic_instruction_tuner", log_prints=True)
+@flow(name="synthetic_instruction_tuner")
 @fails_cleanly
 def synthetic_instruction_tuner(
     run_dir: str = "runs/demo",

@@ -149,7 +149,7 @@ def sharded_preference(cfg: SitConfig, run_dir: Path, workers: int, devices: lis
 SHARDED_STAGES = {magpie.STAGE: sharded_generate, preference.STAGE: sharded_preference}
 
 
-@flow(name="synthetic_instruction_tuner_sharded", log_prints=True)
+@flow(name="synthetic_instruction_tuner_sharded")
 @fails_cleanly
 def synthetic_instruction_tuner_sharded(
     run_dir: str = "runs/demo",

@@ -1,5 +1,6 @@
 """Prefect's environment, set before prefect is first imported (flows/ imports this too)."""
 
+import logging
 import os
 
 # Prefect's server tries to send usage telemetry; offline (and on private VMs) that only logs errors.
@@ -9,3 +10,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # temporary local server, as the README says.
 if os.environ.get("PREFECT_API_URL") == "":
     del os.environ["PREFECT_API_URL"]
+# sit_core logs through the standard "sit" logger (a stall, a hub retry, a DDP launch command).
+# Prefect attaches its console and API handlers to the loggers named here, so those lines reach
+# the terminal and the flow run's logs in the UI. (The flows do not use log_prints: it captures
+# prints that libraries send to a redirected stdout, such as dill's bytecode scan when datasets
+# hashes a function, and floods the run log with disassembly.)
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sit")
+logging.getLogger("sit").setLevel(logging.INFO)
