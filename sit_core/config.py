@@ -194,6 +194,14 @@ class TrainingConfig(_Section):
         return getattr(self, size), getattr(self, accumulation) or self.gradient_accumulation_steps
 
 
+def fit_batch(effective: int, max_per_device: int) -> tuple[int, int]:
+    """(per-device batch, accumulation) making up `effective`: the largest per-device batch not
+    above `max_per_device` that divides it. Used wherever the effective batch must hold while the
+    per-device batch changes: an OOM step-down, a DDP split, a run moving to other hardware."""
+    per_device = max(d for d in range(1, max(1, max_per_device) + 1) if effective % d == 0)
+    return per_device, effective // per_device
+
+
 # Each training method's (per-device batch, gradient accumulation) fields. Prompt tuning and DPO
 # fall back to the shared accumulation when theirs is unset.
 BATCH_FIELDS = {"sft": ("sft_batch_size", "gradient_accumulation_steps"),

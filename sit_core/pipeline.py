@@ -16,7 +16,7 @@ from typing import Iterator
 
 from pydantic import ValidationError
 
-from .config import BATCH_FIELDS, STAGE_ORDER, SitConfig, TrainingConfig, check_models, load_config
+from .config import BATCH_FIELDS, STAGE_ORDER, SitConfig, TrainingConfig, check_models, fit_batch, load_config
 from .errors import ConfigError, SitError
 from .rundir import RUN_RECORD, RunLock, check_run_record, check_unlocked, ensure_writable, load_run_record, record_run
 from .stages import STAGE_MODULES, Progress, run_stage
@@ -83,8 +83,7 @@ def keep_effective_batches(cfg: SitConfig, recorded: dict) -> tuple[SitConfig, l
         (first_batch, first_accumulation), (batch, accumulation) = started.batch(method), cfg.training.batch(method)
         effective = first_batch * first_accumulation
         if batch * accumulation != effective:
-            batch = max(d for d in range(1, batch + 1) if effective % d == 0)
-            accumulation = effective // batch
+            batch, accumulation = fit_batch(effective, batch)
             notes.append(f"{method}: batch {batch} x accumulation {accumulation}, keeping the effective batch "
                          f"{effective} this run started with (profile {cfg.profile} alone would give another)")
         # Every method's fields are set, so changing the shared accumulation moves no other method.

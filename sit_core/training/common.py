@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import SitConfig
+from ..config import SitConfig, fit_batch
 from ..errors import SitError
 from ..fileio import atomic_write_json, iter_files, read_json, read_jsonl
 from ..manifest import StageRun, rel
@@ -328,9 +328,7 @@ def backoff(batch: int, grad_accum: int) -> tuple[int, int]:
     """Halve the per-device batch and raise gradient accumulation so the effective batch
     stays the same: the largest divisor of the effective batch at most half the batch
     (12x2 -> 6x4 -> 3x8 -> 1x24; 8x2 -> 4x4 -> 2x8 -> 1x16)."""
-    eff = effective_batch(batch, grad_accum)
-    new = max(d for d in range(1, max(1, batch // 2) + 1) if eff % d == 0)
-    return new, eff // new
+    return fit_batch(effective_batch(batch, grad_accum), batch // 2)
 
 
 def fingerprint(cfg: SitConfig, fields: list[str], batch: int, grad_accum: int) -> dict:

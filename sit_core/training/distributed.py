@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import SitConfig
+from ..config import SitConfig, fit_batch
 from ..errors import SitError
 from ..fileio import atomic_write_json, read_json
 from ..manifest import StageRun, read_manifest
@@ -69,9 +69,7 @@ def split_batch(batch: int, grad_accum: int, processes: int) -> tuple[int, int]:
             f"evenly over training.num_processes={processes}",
             f"set training.num_processes to one of {divisors} (the effective batch is part of the run's "
             "configuration; changing it would change the results)")
-    per_process = effective // processes
-    per_device = max(d for d in range(1, batch + 1) if per_process % d == 0)
-    return per_device, per_process // per_device
+    return fit_batch(effective // processes, batch)
 
 
 def start(cpu: bool):
