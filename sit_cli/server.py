@@ -21,7 +21,10 @@ from typing import Iterator, List, Optional
 import typer
 import yaml
 
-from .main import app, console
+from sit_core.errors import SitError
+from tasks.local_server import DEFAULT_STARTUP_TIMEOUT_S, NOTICE_EVERY_S, check_prefect_home
+
+from .main import _fail, app, console
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
@@ -43,10 +46,17 @@ def start_server(host: str, port: int, env: dict | None = None, log_path: Path |
                             env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
 
 
-def wait_until_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 180.0) -> None:
-    """Poll <url>/api/health; the first start runs database migrations, which takes a while."""
-    deadline = time.monotonic() + timeout_s
+def wait_until_healthy(url: str, proc: subprocess.Popen | None = None,
+                       timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S, say=None) -> None:
+    """Poll <url>/api/health; the first start imports the server and runs database migrations,
+    which took over 30 s on a slow machine. `say` gets a line every NOTICE_EVERY_S seconds."""
+    started = time.monotonic()
+    deadline, next_notice = started + timeout_s, started + NOTICE_EVERY_S
     while time.monotonic() < deadline:
+        if say is not None and time.monotonic() >= next_notice:
+            say(f"waiting for the Prefect server at {url} ({time.monotonic() - started:.0f} s): the first start "
+                "creates its database in PREFECT_HOME")
+            next_notice += NOTICE_EVERY_S
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the Prefect server exited with code {proc.returncode} before it was ready")
         try:
@@ -57,6 +67,18 @@ def wait_until_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s
             pass
         time.sleep(1.0)
     raise TimeoutError(f"the Prefect server at {url} was not healthy after {timeout_s:.0f}s")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A second server on a taken port dies deep in uvicorn; say so before starting."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise SitError(f"port {port} on {host} is already in use ({err.strerror}): another Prefect server "
+                           "(an earlier `sit server`, a systemd service) or another program holds it",
+                           f"use that server (export PREFECT_API_URL=http://127.0.0.1:{port}/api), stop it, or "
+                           f"choose another port: sit server --port {port + 1}") from None
 
 
 def free_port() -> int:
@@ -92,11 +114,16 @@ def server(host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 to list
            port: int = typer.Option(4200, "--port")) -> None:
     """Start a Prefect server with its UI and print the URL. Runs until stopped (Ctrl-C / SIGTERM)."""
     url = f"http://{host}:{port}"
+    try:
+        check_port_free(host, port)
+        check_prefect_home()
+    except SitError as err:
+        _fail(err)
     proc = start_server(host, port)
     # systemd stops the service with SIGTERM: pass it on so the server shuts down cleanly.
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
-        wait_until_healthy(f"http://127.0.0.1:{port}" if host == "0.0.0.0" else url, proc)
+        wait_until_healthy(f"http://127.0.0.1:{port}" if host == "0.0.0.0" else url, proc, say=console.print)
         shown = url if host != "0.0.0.0" else f"http://<this machine's address>:{port}"
         console.print(f"[bold green]Prefect UI:[/] {shown}")
         console.print(f"clients (sit run, workers, notebooks): export PREFECT_API_URL={shown}/api")

@@ -316,7 +316,8 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist", "check the path given to --config")
-    text = path.read_text(encoding="utf-8")
+    # utf-8-sig: Windows editors (Notepad) save UTF-8 with a byte-order mark, which json refuses.
+    text = path.read_text(encoding="utf-8-sig")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             data = yaml.safe_load(text)
@@ -489,7 +490,7 @@ def looks_like_path(ref: str) -> bool:
 def check_models(cfg: SitConfig, stages: list[str] | None = None) -> None:
     """Fail fast on model references that cannot work: missing local paths, unknown embedded
     names, gated hub models without a token."""
-    from .models import EMBEDDED_MODELS
+    from .models import EMBEDDED_MODELS, check_cache_space
 
     used = _refs_for_stages(cfg, stages or cfg.stages)
     gated = []
@@ -498,6 +499,7 @@ def check_models(cfg: SitConfig, stages: list[str] | None = None) -> None:
             if ref not in EMBEDDED_MODELS:
                 raise ConfigError(f"{where} names unknown embedded model '{ref}'",
                                   f"use one of: {', '.join(EMBEDDED_MODELS)}")
+            check_cache_space(ref)
         elif looks_like_path(ref) or Path(ref).expanduser().exists():
             if not Path(ref).expanduser().exists():
                 raise ConfigError(f"{where}: model path '{ref}' does not exist",

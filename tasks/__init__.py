@@ -17,3 +17,8 @@ if os.environ.get("PREFECT_API_URL") == "":
 # hashes a function, and floods the run log with disassembly.)
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sit")
 logging.getLogger("sit").setLevel(logging.INFO)
+# Prefect's 20 s for its temporary server to answer is shorter than a cold first start on a
+# slow machine (tasks/local_server.py); a value the user set is kept.
+from .local_server import DEFAULT_STARTUP_TIMEOUT_S  # noqa: E402  (imports no Prefect)
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(DEFAULT_STARTUP_TIMEOUT_S))

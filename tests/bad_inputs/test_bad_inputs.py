@@ -159,6 +159,19 @@ def test_full_disk_before_the_run_is_a_clear_error(small_disk, no_flow):
     assert "is not writable: No space left on device" in " ".join(result.output.split())
 
 
+def test_no_space_for_the_model_cache_is_a_clear_error_before_any_model_loads(small_disk, monkeypatch, no_flow):
+    """The embedded SmolLM2 is dequantized into SIT_CACHE on first use (about 0.5 GiB)."""
+    monkeypatch.setenv("SIT_CACHE", str(small_disk / "cache"))
+    result = CliRunner().invoke(__import__("sit_cli.main", fromlist=["app"]).app,
+                                ["run", "--run-dir", str(small_disk.parent / "run"), "--preset", "demo",
+                                 "--profile", "cpu", "--stages", "generate"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, out
+    assert "no disk space for the model cache: embedded:smollm2-135m-instruct needs about 0.5 GiB" in out
+    assert "export SIT_CACHE=" in out
+    assert not (small_disk / "cache" / "models").exists() or not any((small_disk / "cache" / "models").iterdir())
+
+
 def test_disk_filling_up_mid_stage_keeps_finished_work_and_resumes(small_disk, tmp_path, monkeypatch):
     """The filter stage runs out of space writing its outputs: a SitError saying so, the
     input and the manifest intact, and after space is freed the same call finishes."""
