@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sit_cli.server import REPO_ROOT, background_server, prefect_cli
+from conftest import HANG_GUARD_S
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ STATE = textwrap.dedent("""
 
 def call(script: str, env: dict, *args: str):
     proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=REPO_ROOT)
+                          timeout=HANG_GUARD_S, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -64,7 +65,7 @@ def call(script: str, env: dict, *args: str):
 def test_deployment_is_stored_and_a_worker_runs_it(tmp_path, smollm2_path):
     with background_server(tmp_path / "prefect-home") as (_url, env):
         deploy = subprocess.run([sys.executable, "-c", "from sit_cli.main import app; app()", "deploy", "--local-source"],
-                                env=env, capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
+                                env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO_ROOT)
         assert deploy.returncode == 0, deploy.stdout[-2000:] + deploy.stderr[-3000:]
 
         stored = call(INSPECT, env)
@@ -88,7 +89,7 @@ def test_deployment_is_stored_and_a_worker_runs_it(tmp_path, smollm2_path):
 
         # --run-once: poll once, run what is due (our run), wait for it, exit.
         worker = subprocess.run(prefect_cli("worker", "start", "--pool", "sit-gpu", "--run-once"), env=env,
-                                capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                                capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
         assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
 
         final = call(STATE, env, flow_run_id)

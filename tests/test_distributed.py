@@ -18,6 +18,7 @@ from sit_core.fileio import read_json
 from sit_core.rundir import RunLock, record_run
 from sit_core.training import common, distributed, prompt_tuning, sft
 from test_training import tiny_cfg, write_inputs
+from conftest import HANG_GUARD_S
 
 REPO = Path(__file__).parents[1]
 
@@ -143,7 +144,7 @@ def test_raw_accelerate_command_takes_the_run_lock(run_dir, smollm2_path):
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "held"
-        refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+        refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=HANG_GUARD_S)
         assert refused.returncode != 0
         assert f"in use by pid {holder.pid}" in refused.stderr
         assert not (run_dir / "sft" / "manifest.json").exists()
@@ -151,7 +152,7 @@ def test_raw_accelerate_command_takes_the_run_lock(run_dir, smollm2_path):
         holder.kill()
         holder.wait()
 
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_json(run_dir / "sft" / "manifest.json")["status"] == "done"
     assert read_json(run_dir / "sft" / "metrics.json")["processes"] == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from sit_cli.main import app
+from conftest import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,9 +26,8 @@ def _env(tmp_path: Path, **extra: str) -> dict:
 
 
 def _python(code: str, env: dict) -> subprocess.CompletedProcess:
-    # A hang guard only: the temporary server's start takes seconds to a minute on a slow machine.
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1800)
+                          timeout=HANG_GUARD_S)
 
 
 def test_sit_leaves_prefect_a_startup_timeout_that_fits_a_cold_start_and_keeps_the_users(tmp_path):
@@ -99,7 +99,7 @@ def test_an_unwritable_prefect_home_stops_sit_run_before_any_model_loads(tmp_pat
     run = subprocess.run([sys.executable, "-m", "sit_cli.main", "run", "--run-dir", str(tmp_path / "run"),
                           "--stages", "generate"], cwd=REPO,
                          env={**_env(tmp_path), "PREFECT_HOME": str(home)}, capture_output=True, text=True,
-                         timeout=1800)
+                         timeout=HANG_GUARD_S)
     out = " ".join((run.stdout + run.stderr).split())
     assert run.returncode == 2, out[-3000:]
     assert f"PREFECT_HOME {home} is not writable" in out

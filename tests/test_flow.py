@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import run_flow_script
+from conftest import HANG_GUARD_S, run_flow_script
 
 OVERRIDES = ["generation.num_samples=4", "filter.target_count=2", "filter.min_count=1", "preference.num_pairs=1",
              "generation.instruction_max_tokens=40", "generation.response_max_tokens=40", "generation.batch_size=4",
@@ -79,11 +79,10 @@ def test_a_stage_error_in_a_flow_is_the_problem_and_fix_without_a_traceback(tmp_
                 "response": "Tea came from China and spread along trade routes to many countries over centuries."}
                for i, (n, c) in enumerate([("two", "Japan"), ("three", "India"), ("four", "Kenya")])]
     (run_dir / "generate" / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": "",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": ""}
     proc = subprocess.run([sys.executable, "-m", "sit_cli.main", "run", "--run-dir", str(run_dir), "--preset", "demo",
                            "--profile", "cpu", "--stages", "filter"], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).parents[1])
+                          timeout=HANG_GUARD_S, cwd=Path(__file__).parents[1])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-3000:]
     assert "Traceback" not in output, output[-5000:]

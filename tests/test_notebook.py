@@ -11,6 +11,7 @@ import pytest
 from nbclient import NotebookClient
 
 from sit_cli.server import REPO_ROOT
+from conftest import HANG_GUARD_S
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +32,8 @@ def test_non_colab_cells_run_the_demo_in_a_jupyter_kernel(tmp_path, monkeypatch,
     # The kernel inherits this environment: a private, temporary Prefect server.
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.setenv("PREFECT_API_URL", "")
-    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}}).execute()
+    NotebookClient(nb, timeout=HANG_GUARD_S, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}}).execute()
 
     run_cell = next(c for c in nb.cells if "synthetic_instruction_tuner(" in c.source)
     result = run_cell.outputs[-1]["data"]["text/plain"]

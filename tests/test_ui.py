@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sit_cli.server import REPO_ROOT, background_server
+from conftest import HANG_GUARD_S
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def test_flow_run_page_lists_stage_task_runs_and_artifacts(tmp_path, smollm2_pat
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     with background_server(tmp_path / "prefect-home") as (url, env):
         proc = subprocess.run([sys.executable, "-c", RUN_FLOW, str(tmp_path / "run"), *OVERRIDES], env=env,
-                              capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+                              capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO_ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         run = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
         assert run["state"] == "COMPLETED"

@@ -61,7 +61,7 @@ def session_env(prefect_home: Path) -> dict:
     """A fresh local Prefect per run directory; one torch thread (two processes with two
     threads each on two cores spin against each other); no network."""
     return {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": "",
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "OMP_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1"}
 
@@ -332,7 +332,18 @@ def differences(reference: Path, run_dir: Path, atol: float = 1e-5) -> list[str]
     return problems
 
 
-def all_problems(reference: Path, run_dir: Path) -> list[str]:
+def all_problems(reference: Path, run_dir: Path, timeout_s: float = 1800) -> list[str]:
+    """Every check above, in a fresh process. Parsing the run directory imports torch, trl
+    (through torch.load of training_args.bin), transformers and sympy; a crash or a hang guard
+    firing halfway through such an import in the test process left sympy half-imported, and
+    every later test that touched it failed. A subprocess takes that with it."""
+    checker = subprocess.run([sys.executable, __file__, "problems", str(reference), str(run_dir)], cwd=REPO,
+                             capture_output=True, text=True, timeout=timeout_s)  # a hang guard, minutes above need
+    assert checker.returncode == 0, f"the run directory checker crashed\n{checker.stderr[-4000:]}"
+    return json.loads(checker.stdout.splitlines()[-1])
+
+
+def _problems_here(reference: Path, run_dir: Path) -> list[str]:
     return (differences(reference, run_dir) + duplicate_records(run_dir) + unparseable_files(run_dir)
             + manifest_problems(run_dir))
 
@@ -341,3 +352,10 @@ def resumed_stages(run_dir: Path) -> list[str]:
     """Stages whose manifest records a resume: proof the kills landed in real work."""
     return [s for s in STAGE_ORDER
             if any(e.get("event") == "resumed" for e in (read_manifest(run_dir, s) or {}).get("events", []))]
+
+
+if __name__ == "__main__":
+    # all_problems' worker: `chaos_harness.py problems REFERENCE RUN_DIR` prints them as JSON.
+    if sys.argv[1:2] != ["problems"] or len(sys.argv) != 4:
+        sys.exit("usage: chaos_harness.py problems REFERENCE RUN_DIR")
+    print(json.dumps(_problems_here(Path(sys.argv[2]), Path(sys.argv[3]))))

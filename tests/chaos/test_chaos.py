@@ -43,6 +43,7 @@ from sit_core.hub import is_mirrored
 sys.path.insert(0, str(harness.REPO / "tests"))
 import test_hub  # noqa: E402
 from test_hub import FAKE_TOKEN, FakeHub  # noqa: E402
+from conftest import HANG_GUARD_S  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +64,7 @@ def _second_run_is_refused(tmp_path: Path, run_dir: Path):
             assert time.monotonic() < deadline, "the first session never took the lock"
             time.sleep(0.1)
         second = subprocess.run(harness.sit_run_command(run_dir), cwd=harness.REPO, capture_output=True, text=True,
-                                env=harness.session_env(tmp_path / "prefect-second"), timeout=600)
+                                env=harness.session_env(tmp_path / "prefect-second"), timeout=HANG_GUARD_S)
         out = " ".join((second.stdout + second.stderr).split())  # rich wraps long lines
         assert second.returncode == 2, out[-3000:]
         assert f"in use by pid {first.pid} on {socket.gethostname()}" in out, out[-3000:]
@@ -270,7 +271,7 @@ def test_kill_during_hub_sync_then_resume_makes_remote_equal_local(tmp_path, smo
         kill_at_held_commit(server, 2, cmd, env)
         assert set(fake.files("alice/sit-chaos")) == {".gitattributes", "run.json"}  # the held commit never landed
 
-        second = subprocess.run(cmd, cwd=harness.REPO, env=env, capture_output=True, text=True, timeout=900)
+        second = subprocess.run(cmd, cwd=harness.REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     finally:
         server.close()
@@ -301,7 +302,7 @@ def test_fresh_vm_resumes_mid_stage_from_the_hub_and_equals_an_uninterrupted_run
     reference = tmp_path / "reference"
     local_env = harness.session_env(tmp_path / "prefect-ref")
     subprocess.run([sys.executable, "-c", FRESH_VM_CHILD, str(reference), *FRESH_VM_OVERRIDES], cwd=harness.REPO,
-                   env=local_env, check=True, capture_output=True, timeout=900)
+                   env=local_env, check=True, capture_output=True, timeout=HANG_GUARD_S)
 
     fake = FakeHub()
     server = _HubServer(fake)
@@ -321,7 +322,7 @@ def test_fresh_vm_resumes_mid_stage_from_the_hub_and_equals_an_uninterrupted_run
         second_vm = tmp_path / "vm2" / "run"  # a new VM, another path, an empty PREFECT_HOME
         env["PREFECT_HOME"] = str(tmp_path / "prefect-vm2")
         resumed = subprocess.run([sys.executable, "-c", FRESH_VM_CHILD, str(second_vm), *overrides],
-                                 cwd=harness.REPO, env=env, capture_output=True, text=True, timeout=900)
+                                 cwd=harness.REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     finally:
         server.close()
