@@ -258,6 +258,8 @@ def unparseable_files(run_dir: Path) -> list[str]:
                 import torch
 
                 torch.load(path, map_location="cpu", weights_only=False)
+            elif suffix == ".log":
+                continue  # `sit run`'s console log: a kill may cut it anywhere, and nothing reads it
             elif suffix in (".md", ".txt", ".yaml", ".jinja") or not suffix:
                 path.read_bytes().decode("utf-8")
             else:
