@@ -10,6 +10,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Failed
 
 from sit_core.config import STAGE_ORDER, SitConfig
+from sit_core.console_events import timed_stage
 from sit_core.errors import SitError
 from sit_core.pipeline import prepare_run
 from tasks.stage_tasks import stage_task_for
@@ -32,11 +33,16 @@ def fails_cleanly(fn):
 
 
 def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str]) -> dict:
-    """Each stage's summary, with `cached: True` where Prefect served it from the run dir."""
+    """Each stage's summary, with `cached: True` where Prefect served it from the run dir.
+    Each stage's start and finish (wall time around the task call, cache hit or not) go to
+    the console channel (sit_core/console_events.py) that `sit run` renders."""
     results = {}
     for stage in stages:
-        state = stage_task_for(stage, run_dir)(stage, cfg.model_dump(mode="json"), str(run_dir), return_state=True)
-        results[stage] = {**state.result(), "cached": state.name == "Cached"}
+        with timed_stage(stage) as outcome:
+            state = stage_task_for(stage, run_dir)(stage, cfg.model_dump(mode="json"), str(run_dir),
+                                                   return_state=True)
+            results[stage] = {**state.result(), "cached": state.name == "Cached"}
+            outcome.update(status=results[stage].get("status"), cached=results[stage]["cached"])
     return results
 
 

@@ -27,6 +27,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from flows.pipeline import _run_stages, fails_cleanly
 from sit_core import magpie, preference, preference_shards, shards
 from sit_core.config import SitConfig
+from sit_core.console_events import stage_progress, timed_stage
 from sit_core.pipeline import prepare_run
 from sit_core.stages import done_manifest, open_stage
 from tasks.stage_tasks import publish_artifacts
@@ -105,6 +106,13 @@ def preference_scores_shard(config: dict, run_dir: str, start: int, end: int) ->
     return preference_shards.score_shard(SitConfig.model_validate(config), Path(run_dir), (start, end))
 
 
+def _record_progress(stage, done: int, total: int) -> None:
+    """Progress after a wave, in the manifest and on `sit run`'s console (the shards' own
+    progress stays in their worker processes)."""
+    stage.progress(done, total)
+    stage_progress(stage.stage, done, total)
+
+
 def sharded_generate(cfg: SitConfig, run_dir: Path, workers: int, devices: list[str] | None) -> dict:
     """The generate stage's manifest, made by `workers` processes (one per device when devices are given)."""
     if (manifest := done_manifest(cfg, run_dir, magpie.STAGE)) is not None:
@@ -115,7 +123,7 @@ def sharded_generate(cfg: SitConfig, run_dir: Path, workers: int, devices: list[
         while wave := shards.pending_shards(cfg, run_dir, n):
             logger.info("generate: %d shard(s) %s on %d worker(s)", len(wave), wave, n)
             _run_wave(runner, generate_shard, cfg, run_dir, wave)
-            stage.progress(*shards.progress(cfg, run_dir))
+            _record_progress(stage, *shards.progress(cfg, run_dir))
     return shards.finish(cfg, stage)
 
 
@@ -137,12 +145,12 @@ def sharded_preference(cfg: SitConfig, run_dir: Path, workers: int, devices: lis
 
             _run_wave(runner, preference_responses_shard, cfg, run_dir, wave, record_events,
                       batched=preference.batched(cfg, stage.manifest))
-            stage.progress(*preference_shards.progress(cfg, run_dir))
+            _record_progress(stage, *preference_shards.progress(cfg, run_dir))
         preference_shards.merge_responses(cfg, stage)
         if wave := preference_shards.pending_score_shards(cfg, run_dir, n):
             logger.info("preference scores: %d shard(s) %s on %d worker(s)", len(wave), wave, n)
             _run_wave(runner, preference_scores_shard, cfg, run_dir, wave)
-            stage.progress(*preference_shards.progress(cfg, run_dir))
+            _record_progress(stage, *preference_shards.progress(cfg, run_dir))
     return preference_shards.finish(cfg, stage)
 
 
@@ -170,8 +178,13 @@ def synthetic_instruction_tuner_sharded(
             if stage not in SHARDED_STAGES:
                 results.update(_run_stages(run.cfg, run.run_dir, [stage]))
                 continue
-            manifest = SHARDED_STAGES[stage](run.cfg, run.run_dir, workers, devices)
-            publish_artifacts(stage, manifest, run.run_dir)  # the stage's tables, on the flow run
-            results[stage] = {"stage": stage, "status": manifest.get("status"),
-                              "outputs": manifest.get("outputs", {}), "stats": manifest.get("stats", {})}
+            # The same start/finish events as _run_stages; "cached" here is a stage the run
+            # directory already holds done (these stages are not Prefect tasks with a cache).
+            with timed_stage(stage) as outcome:
+                cached = done_manifest(run.cfg, run.run_dir, stage) is not None
+                manifest = SHARDED_STAGES[stage](run.cfg, run.run_dir, workers, devices)
+                publish_artifacts(stage, manifest, run.run_dir)  # the stage's tables, on the flow run
+                results[stage] = {"stage": stage, "status": manifest.get("status"), "cached": cached,
+                                  "outputs": manifest.get("outputs", {}), "stats": manifest.get("stats", {})}
+                outcome.update(status=manifest.get("status"), cached=cached)
         return results

@@ -43,51 +43,71 @@ def run(
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
                                           help="shard generation and preference pairs over N worker processes"),
     devices: Optional[str] = typer.Option(None, "--devices", help="shard them one worker per GPU, e.g. 0,1,2,3"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, progress bars and "
+                                 "Prefect's log here (they always go to <run_dir>/logs/sit-run-<time>.log)"),
 ) -> None:
     """Run the pipeline (the embedded demo on CPU with no arguments). Rerun the same command
     to resume: finished stages are skipped, partial ones continue from their checkpoints."""
     overrides = list(overrides or []) + ([f"hub_repo={hub_repo}"] if hub_repo else [])
+    stage_list = stages.split(",") if stages else None
+    from .console import RunConsole
+
+    run_console = None
     try:
         if run_dir is None:
             name = load_config(config, preset=preset, profile=profile or "cpu", overrides=overrides).run_name
             run_dir = Path("runs") / name
         from sit_core.pipeline import check_run
+        from sit_core.rundir import ensure_writable
 
-        # Configuration, model, lock and run.json mistakes: one clear error, before Prefect starts.
-        check_run(run_dir, str(config) if config else None, preset=preset, profile=profile, overrides=overrides,
-                  stages=stages.split(",") if stages else None)
-        arguments = dict(run_dir=str(run_dir), config=str(config) if config else None, preset=preset,
-                         profile=profile, overrides=overrides, stages=stages.split(",") if stages else None)
-        if workers or devices:
-            from flows.sharded import synthetic_instruction_tuner_sharded
+        ensure_writable(run_dir)  # the run's log file goes there (check_run says it again)
+        # From here on, library output goes to the run's log file; the terminal shows sit's
+        # own lines (sit_cli/console.py).
+        with RunConsole(run_dir, verbose=verbose, console=console) as run_console:
+            # Configuration, model, lock and run.json mistakes: one clear error, before Prefect starts.
+            check_run(run_dir, str(config) if config else None, preset=preset, profile=profile, overrides=overrides,
+                      stages=stage_list)
+            arguments = dict(run_dir=str(run_dir), config=str(config) if config else None, preset=preset,
+                             profile=profile, overrides=overrides, stages=stage_list)
+            if workers or devices:
+                from flows.sharded import synthetic_instruction_tuner_sharded
 
-            result = synthetic_instruction_tuner_sharded(**arguments, workers=workers or 1,
-                                                         devices=devices.split(",") if devices else None)
-        else:
-            from flows.pipeline import synthetic_instruction_tuner
+                result = synthetic_instruction_tuner_sharded(**arguments, workers=workers or 1,
+                                                             devices=devices.split(",") if devices else None)
+            else:
+                from flows.pipeline import synthetic_instruction_tuner
 
-            result = synthetic_instruction_tuner(**arguments)
+                result = synthetic_instruction_tuner(**arguments)
     except SitError as err:
+        if run_console is not None and run_console.stages:  # a stage ran: what it printed is in the log
+            console.print(f"log: {run_console.log_path}", style="dim", markup=False)
         _fail(err)
-    for stage, summary in (result or {}).items():
-        console.print(f"{stage}: {summary.get('status')}{' (cached)' if summary.get('cached') else ''}")
-    _print_status(run_dir)
+    _print_status(run_dir, run_console.stages)
     if any(summary.get("status") != "done" for summary in (result or {}).values()):
         raise typer.Exit(1)
 
 
-def _print_status(run_dir: Path) -> None:
+def _print_status(run_dir: Path, ran: Optional[dict] = None) -> None:
+    """Each stage's status and progress from its manifest; after `sit run`, `ran` (stage ->
+    status, seconds, cached, from sit_cli/console.py) adds this run's wall time and cache hits."""
     from sit_core.manifest import stage_summary
 
+    from .console import format_seconds
+
     table = Table(title=f"run {run_dir}")
-    for col in ("stage", "status", "progress"):
+    for col in ("stage", "status", "progress") + (("time", "cached") if ran is not None else ()):
         table.add_column(col)
     for stage in STAGE_ORDER:
         s = stage_summary(run_dir, stage)
         prog = f"{s['done']} of {s['total']}" if "total" in s else ""
         status = s["status"] if s["status"] != "partial" else f"partial ({prog})"
         color = {"done": "green", "pending": "dim", "damaged": "red"}.get(s["status"], "yellow")
-        table.add_row(stage, f"[{color}]{status}[/]", prog)
+        row = [stage, f"[{color}]{status}[/]", prog]
+        if ran is not None:
+            this = ran.get(stage, {})
+            row += ([format_seconds(this["seconds"]), "yes" if this["cached"] else "no"] if "seconds" in this
+                    else ["[dim]not run[/]", ""])
+        table.add_row(*row)
     Console().print(table)
 
 

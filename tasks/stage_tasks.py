@@ -29,6 +29,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.logging import get_run_logger
 
 from sit_core.config import SitConfig
+from sit_core.console_events import stage_progress
 from sit_core.errors import SitError
 from sit_core.hub import HubUnavailableError, is_transient
 from sit_core.manifest import input_hashes, output_problems, read_manifest
@@ -76,7 +77,8 @@ def _retry_transient(task, task_run, state) -> bool:
 
 def progress_reporter(stage: str, min_interval_s: float = 2.0) -> Callable[[int, int], None]:
     """A progress callback for sit_core: a Prefect progress artifact, throttled so a fast
-    stage does not flood the API."""
+    stage does not flood the API, and the same throttled updates as console events (the bar
+    `sit run` draws; sit_core/console_events.py, never sent to Prefect's API)."""
     artifact_id = create_progress_artifact(progress=0.0, key=f"{stage.replace('_', '-')}-progress",
                                            description=f"{stage}: starting")
     last = [0.0]
@@ -87,6 +89,7 @@ def progress_reporter(stage: str, min_interval_s: float = 2.0) -> Callable[[int,
             return
         last[0] = now
         pct = 100.0 * done / total if total else 100.0
+        stage_progress(stage, done, total)
         update_progress_artifact(artifact_id=artifact_id, progress=pct, description=f"{stage}: {done} of {total}")
 
     return report
