@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from prefect import flow
+from prefect import Flow
 from prefect.logging import get_run_logger
 from prefect.states import Failed
 
@@ -13,7 +13,24 @@ from sit_core.config import STAGE_ORDER, SitConfig
 from sit_core.console_events import timed_stage
 from sit_core.errors import SitError
 from sit_core.pipeline import prepare_run
+from tasks.local_server import start_temporary_server
 from tasks.stage_tasks import stage_task_for
+
+
+class SitFlow(Flow):
+    """A Prefect flow that, called from Python with no PREFECT_API_URL (`sit run`, a Colab
+    cell), first brings up Prefect's temporary server itself: a slow cold start is announced
+    and given time, and one that fails is a SitError, where Prefect alone dies after 20 s with
+    a bare timeout. A deployment's worker sets PREFECT_API_URL, so there it does nothing."""
+
+    def __call__(self, *args, **kwargs):
+        start_temporary_server()
+        return super().__call__(*args, **kwargs)
+
+
+def flow(**options):
+    """prefect.flow for sit's flows, making a SitFlow."""
+    return lambda fn: SitFlow(fn=fn, **options)
 
 
 def fails_cleanly(fn):

@@ -20,11 +20,11 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from prefect import flow, task
+from prefect import task
 from prefect.logging import get_run_logger
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from flows.pipeline import _run_stages, fails_cleanly
+from flows.pipeline import _run_stages, fails_cleanly, flow
 from sit_core import magpie, preference, preference_shards, shards
 from sit_core.config import SitConfig
 from sit_core.console_events import stage_progress, timed_stage
