@@ -89,9 +89,9 @@ def test_an_unwritable_prefect_home_is_a_clear_error_for_sit_server(tmp_path, mo
     home = _unwritable_home(tmp_path)
     monkeypatch.setenv("PREFECT_HOME", str(home))
     result = CliRunner().invoke(app, ["server", "--port", "0"])
-    out = " ".join(result.output.split())
-    assert result.exit_code == 2, out
-    assert f"PREFECT_HOME {home} is not writable" in out and "export PREFECT_HOME=" in out
+    out = "".join(result.output.split())  # rich folds a long path mid-word, so compare without blanks
+    assert result.exit_code == 2, result.output
+    assert f"PREFECT_HOME{home}isnotwritable" in out and "exportPREFECT_HOME=" in out
 
 
 def test_an_unwritable_prefect_home_stops_sit_run_before_any_model_loads(tmp_path):
