@@ -25,7 +25,7 @@ demo: install
 	$(VENV)/bin/sit run
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 bench: install
 	$(PY) bench/run_all
