@@ -39,9 +39,11 @@ def uses_temporary_server() -> bool:
 
 
 def prefect_home() -> Path:
-    from prefect.settings import get_current_settings
+    """Read from the environment now, as the server's subprocess will: Prefect's own settings
+    object is fixed when prefect is first imported."""
+    from prefect.settings import Settings
 
-    return Path(get_current_settings().home).expanduser()
+    return Path(Settings().home).expanduser()
 
 
 def _uses_default_database() -> bool:
