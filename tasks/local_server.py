@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -100,8 +101,6 @@ def prepare_database() -> Path:
     home = Path(tempfile.mkdtemp(prefix="sit-prefect-home-"))
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    import subprocess
-
     code = ("from prefect.server.api.server import SubprocessASGIServer as S; s = S(); "
             f"s.start(timeout={DEFAULT_STARTUP_TIMEOUT_S}); s.stop()")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
