@@ -145,8 +145,9 @@ def launch(cfg: SitConfig, run_dir: Path, stage: str, progress: Progress = None)
             if not marker.exists():
                 raise SitError(
                     f"distributed training of stage '{stage}' on {processes} processes failed (accelerate launch "
-                    f"exited with {returncode}; the ranks' errors are printed above)",
-                    "fix the error shown above and rerun the same command: training resumes from its last complete "
+                    f"exited with {returncode}; the ranks' errors are in the launch's output: under `sit run`, the "
+                    f"log file in {Path(run_dir) / 'logs'} that it named at start, else above)",
+                    "fix that error and rerun the same command: training resumes from its last complete "
                     "checkpoint. To train in one process, set training.num_processes=1")
             oom = read_json(marker)
             marker.unlink()
