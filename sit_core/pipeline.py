@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from .config import BATCH_FIELDS, STAGE_ORDER, SitConfig, TrainingConfig, check_models, fit_batch, load_config
 from .errors import ConfigError, SitError
 from .rundir import RUN_RECORD, RunLock, check_run_record, check_unlocked, ensure_writable, load_run_record, record_run
-from .stages import STAGE_MODULES, Progress, run_stage, stage_module
+from .stages import STAGE_MODULES, Progress, missing_inputs, run_stage
 
 log = logging.getLogger("sit")
 
@@ -126,23 +126,17 @@ def check_run(run_dir: str | Path, config: dict | str | Path | None = None, *, p
     return path, cfg, source, todo
 
 
-def _missing_producers(cfg: SitConfig, run_dir: Path, stage: str) -> dict[str, Path]:
-    """The upstream stages whose outputs `stage` reads and that are not there: {stage: file}."""
-    missing = (Path(p) for p in stage_module(stage).input_paths(cfg, run_dir) if not Path(p).exists())
-    return {p.relative_to(run_dir).parts[0]: p.relative_to(run_dir) for p in missing}
-
-
 def check_upstream(cfg: SitConfig, run_dir: Path, todo: list[str]) -> None:
     """Each stage's inputs exist already or come from a stage that runs before it in this run."""
     for stage in todo:
-        absent = {s: f for s, f in _missing_producers(cfg, run_dir, stage).items() if s not in todo[:todo.index(stage)]}
+        absent = {s: f for s, f in missing_inputs(cfg, run_dir, stage).items() if s not in todo[:todo.index(stage)]}
         if not absent:
             continue
         needed, pending = set(), list(absent)
         while pending:  # the producers' own missing inputs, back to the first stage
             producer = pending.pop()
             needed.add(producer)
-            pending += [s for s in _missing_producers(cfg, run_dir, producer) if s not in needed]
+            pending += [s for s in missing_inputs(cfg, run_dir, producer) if s not in needed]
         producer, path = next(iter(absent.items()))
         stages = [s for s in STAGE_ORDER if s in needed or s in todo]
         raise ConfigError(

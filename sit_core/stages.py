@@ -53,15 +53,22 @@ def code_version(name: str) -> str:
     return h.hexdigest()[:16]
 
 
+def missing_inputs(cfg: SitConfig, run_dir: Path, name: str) -> dict[str, Path]:
+    """The inputs of stage `name` that are not there yet, by the stage that writes each:
+    {upstream stage: run-dir-relative file}."""
+    missing = (Path(p) for p in stage_module(name).input_paths(cfg, run_dir) if not Path(p).exists())
+    return {p.relative_to(run_dir).parts[0]: p.relative_to(run_dir) for p in missing}
+
+
 def open_stage(cfg: SitConfig, run_dir: Path, name: str) -> StageRun:
     module = stage_module(name)
-    paths = module.input_paths(cfg, run_dir)
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
+    if missing := missing_inputs(cfg, run_dir, name):
         from .errors import SitError
 
-        raise SitError(f"stage '{name}' needs {', '.join(str(p) for p in missing)}, which does not exist yet",
+        producer, path = next(iter(missing.items()))
+        raise SitError(f"stage '{name}' reads {path} from stage '{producer}', which has not run in {run_dir}",
                        "run the earlier stages first (`sit run` runs them in order and skips finished ones)")
+    paths = module.input_paths(cfg, run_dir)
     inputs = input_hashes(run_dir, paths)
     return begin_stage(run_dir, name, module.fingerprint(cfg), inputs)
 
