@@ -11,7 +11,7 @@ import argparse
 import random
 import time
 
-from sit_core import quality_filter as qf
+from sit_core.stages import filter as qf
 from sit_core.config import load_config
 
 TOPICS = ["photosynthesis", "volcanoes", "tax returns", "sorting algorithms", "bread baking", "jazz history",

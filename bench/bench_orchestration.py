@@ -42,7 +42,7 @@ EMPTY_FLOW = textwrap.dedent("""
 
 FLOW = textwrap.dedent("""
     import sys
-    from flows.pipeline import synthetic_instruction_tuner
+    from sit_prefect.flows import synthetic_instruction_tuner
     synthetic_instruction_tuner(run_dir=sys.argv[1], preset="demo", profile="cpu", overrides=sys.argv[2:],
                                 stages=["generate"])
 """)

@@ -28,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # sampling ~20x slower and the ratios meaningless.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from sit_core import preference  # noqa: E402
+from sit_core.driver import run_stage
+from sit_core.stages.preference import build as preference  # noqa: E402
 from sit_core.config import load_config  # noqa: E402
-from sit_core.fileio import read_jsonl  # noqa: E402
-from sit_core.models import release  # noqa: E402
-from sit_core.preference_sampling import load_response_model, sample_batch  # noqa: E402
-from sit_core.sampling import Sampling  # noqa: E402
+from sit_core.store.fileio import read_jsonl  # noqa: E402
+from sit_core.engine.models import release  # noqa: E402
+from sit_core.engine.watchdog import load_response_model, sample_batch  # noqa: E402
+from sit_core.engine.sampling import Sampling  # noqa: E402
 
 INSTRUCTIONS = [
     "Name three primary colors.", "Write a haiku about the sea.", "Explain in one sentence what a CPU does.",
@@ -62,7 +63,7 @@ def stage_run(root: Path, n: int, max_new_tokens: int, batch: int) -> dict:
     (run_dir / "filter").mkdir(parents=True)
     (run_dir / "filter" / "kept.jsonl").write_text(
         "".join(json.dumps({"id": i, "instruction": q, "response": ""}) + "\n" for i, q in enumerate(INSTRUCTIONS[:n])))
-    manifest = preference.run(config(n, max_new_tokens, batch), run_dir)
+    manifest = run_stage(config(n, max_new_tokens, batch), run_dir, "preference")
     generated = next(e for e in manifest["events"] if e["event"] == "generated")
     responses = {r["key"]: r["response"] for r in read_jsonl(run_dir / "preference" / "responses.jsonl")}
     return {"tokens": generated["tokens"], "seconds": generated["seconds"],

@@ -23,8 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from sit_core.config import load_config
-from sit_core.fileio import append_jsonl, read_json
-from sit_core.training import common, dpo, sft
+from sit_core.driver import run_stage
+from sit_core.stages import path_of
+from sit_core.store.fileio import append_jsonl, read_json
+from sit_core.training import common
+from sit_core.stages import dpo
+from sit_core.stages import sft
 
 SUBJECTS = ["rivers", "volcanoes", "bread", "chess", "the moon", "bees", "rain", "glass", "maps", "clocks",
             "salt", "trains", "owls", "paper", "tea", "bridges", "copper", "wind", "cats", "ink"]
@@ -72,7 +76,7 @@ def raw_sft(cfg, run_dir: Path, steps: int, batch: int) -> float:
     model = get_peft_model(common.load_base_model(cfg, hw), common.lora_config(cfg, cfg.training.lora_target_modules))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.sft_learning_rate)
-    train, _ = sft.instruction_split(cfg, run_dir, "sft")
+    train, _ = common.instruction_split(cfg, path_of(run_dir, sft.KEPT), "sft")
     seqs = [tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"][: cfg.training.max_seq_length]
             for r in train]
     batches = [seqs[(i * batch) % len(seqs):][:batch] for i in range(steps)]
@@ -100,11 +104,11 @@ def raw_dpo(cfg, run_dir: Path, steps: int, batch: int) -> float:
     tok = common.load_tokenizer(cfg)
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(common.load_base_model(cfg, hw), str(dpo.sft_adapter_dir(run_dir)),
+    model = PeftModel.from_pretrained(common.load_base_model(cfg, hw), str(path_of(run_dir, dpo.SFT_ADAPTER)),
                                       is_trainable=True)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.dpo_learning_rate)
-    rows = common.read_records(dpo.pairs_path(run_dir), {"prompt": list}, "preference pair")
+    rows = common.read_records(path_of(run_dir, dpo.PAIRS), {"prompt": list}, "preference pair")
     rows, _ = common.split_records(rows, dpo.validation_size(cfg, len(rows)), cfg.seed, "dpo")
 
     def encode(r, answer):
@@ -160,8 +164,8 @@ def main() -> None:
         rows = []
         for name, stage, raw in (("SFT", sft, raw_sft), ("DPO", dpo, raw_dpo)):
             baseline = raw(cfg, run_dir, a.steps, a.batch)
-            stage.run(cfg, run_dir)
-            ours = read_json(run_dir / stage.STAGE / "metrics.json")["tokens_per_sec"]
+            run_stage(cfg, run_dir, stage.NAME)
+            ours = read_json(run_dir / stage.NAME / common.METRICS)["tokens_per_sec"]
             rows.append((name, ours, baseline))
     print(f"device={common.hardware(cfg).device} model={a.model} steps={a.steps} batch={a.batch} seq<={a.seq}")
     print(f"{'method':6} {'stage tok/s':>12} {'raw tok/s':>10} {'ratio':>6}")

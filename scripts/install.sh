@@ -70,7 +70,7 @@ if ! $PIP install -q ${constraints[@]+"${constraints[@]}"} -c "$tmp/torch.txt" -
 fi
 $PIP install -q --no-deps -e .
 # Prefect's database, migrated once now rather than inside the first `sit run` on every new
-# PREFECT_HOME (tasks/local_server.py): a cold start of the temporary server took over 30 s.
-$PY -c "from tasks.local_server import prepare_database; print('Prefect database prepared:', prepare_database())" \
+# PREFECT_HOME (sit_prefect/local_server.py): a cold start of the temporary server took over 30 s.
+$PY -c "from sit_prefect.local_server import prepare_database; print('Prefect database prepared:', prepare_database())" \
   || echo "warning: could not prepare Prefect's database now; the first run creates it (slower)" >&2
 echo "sit installed: $($PY -c 'import sit_core, prefect, transformers, torch; print("prefect", prefect.__version__, "transformers", transformers.__version__, "torch", torch.__version__)')${constraints[1]:+ (through ${constraints[1]})}"

@@ -349,7 +349,7 @@ class RunConsole:
         self.log_path = new_log_path(self.run_dir)
         install_log_redaction()  # registers the token, so redact() knows it even when it is not hf_-shaped
         if logging.getLogger("sit").level == logging.NOTSET:
-            logging.getLogger("sit").setLevel(logging.INFO)  # as tasks/__init__.py sets it, before Prefect is imported
+            logging.getLogger("sit").setLevel(logging.INFO)  # as sit_prefect/__init__.py sets it, before Prefect is imported
         # "Real" streams are the process's own fds 1 and 2. Under typer's CliRunner or pytest's
         # capture, sys.stdout/sys.stderr are other streams: those are the terminal then.
         self._real = _fileno(sys.stderr) == 2 and _fileno(sys.stdout) == 1

@@ -1,4 +1,4 @@
-"""The `sit` command line. Library code is in sit_core; orchestration in tasks/ and flows/."""
+"""The `sit` command line. Library code is in sit_core; orchestration with Prefect in sit_prefect/."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def run(
             name = load_config(config, preset=preset, profile=profile or "cpu", overrides=overrides).run_name
             run_dir = Path("runs") / name
         from sit_core.pipeline import check_run
-        from sit_core.rundir import ensure_writable
+        from sit_core.store.rundir import ensure_writable
 
         ensure_writable(run_dir)  # the run's log file goes there (check_run says it again)
         # From here on, library output goes to the run's log file; the terminal shows sit's
@@ -69,15 +69,10 @@ def run(
                       stages=stage_list)
             arguments = dict(run_dir=str(run_dir), config=str(config) if config else None, preset=preset,
                              profile=profile, overrides=overrides, stages=stage_list)
-            if workers or devices:
-                from flows.sharded import synthetic_instruction_tuner_sharded
+            from sit_prefect.flows import synthetic_instruction_tuner
 
-                result = synthetic_instruction_tuner_sharded(**arguments, workers=workers or 1,
-                                                             devices=devices.split(",") if devices else None)
-            else:
-                from flows.pipeline import synthetic_instruction_tuner
-
-                result = synthetic_instruction_tuner(**arguments)
+            result = synthetic_instruction_tuner(**arguments, workers=workers,
+                                                 devices=devices.split(",") if devices else None)
     except SitError as err:
         if run_console is not None and run_console.stages:  # a stage ran: what it printed is in the log
             console.print(f"log: {run_console.log_path}", style="dim", markup=False)
@@ -90,7 +85,7 @@ def run(
 def _print_status(run_dir: Path, ran: Optional[dict] = None) -> None:
     """Each stage's status and progress from its manifest; after `sit run`, `ran` (stage ->
     status, seconds, cached, from sit_cli/console.py) adds this run's wall time and cache hits."""
-    from sit_core.manifest import stage_summary
+    from sit_core.store.manifest import stage_summary
 
     from .console import format_seconds
 
@@ -135,9 +130,11 @@ def show_config(
 
 
 @app.command()
-def reset(run_dir: Path = typer.Argument(...), stage: str = typer.Argument(..., help="first stage to discard"),
+def reset(run_dir: Path = typer.Argument(...), stage: str = typer.Argument(..., help="the stage to discard"),
           yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")) -> None:
-    """Discard a stage and every stage after it (on the hub mirror too), so they are recomputed."""
+    """Discard a stage and the stages that depend on it, directly or through others (on the hub
+    mirror too), so they are recomputed. Stages that do not read it are kept: resetting
+    prompt_tuning keeps dpo, which reads only sft and preference."""
     from sit_core.reset import reset_run, stages_from
 
     try:

@@ -22,7 +22,7 @@ import typer
 import yaml
 
 from sit_core.errors import SitError
-from tasks.local_server import DEFAULT_STARTUP_TIMEOUT_S, NOTICE_EVERY_S, check_prefect_home
+from sit_prefect.local_server import DEFAULT_STARTUP_TIMEOUT_S, NOTICE_EVERY_S, check_prefect_home
 
 from .main import _fail, app, console
 
@@ -173,7 +173,7 @@ def deploy(
     if not exists:
         subprocess.run(prefect_cli("work-pool", "create", pool, "--type", "process"), cwd=REPO_ROOT, check=True)
     spec_file = local_source_file(prefect_file, REPO_ROOT) if local_source else prefect_file
-    # Run from the repo root: the entrypoint (flows/pipeline.py) is resolved relative to it.
+    # Run from the repo root: the entrypoint (sit_prefect/flows.py) is resolved relative to it.
     cmd = prefect_cli("deploy", "--no-prompt", "--prefect-file", str(spec_file), "--name", name)
     for p in params or []:
         cmd += ["--param", p]

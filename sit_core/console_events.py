@@ -10,7 +10,7 @@ parameters (those are part of Prefect's cache inputs), and without a handler (a 
 calling the flow) an event costs a log record and shows nothing.
 
 "sit.console" does not propagate to "sit": that logger carries Prefect's console and API
-handlers (PREFECT_LOGGING_EXTRA_LOGGERS in tasks/__init__.py), and these events are not log
+handlers (PREFECT_LOGGING_EXTRA_LOGGERS in sit_prefect/__init__.py), and these events are not log
 lines for the flow run — the UI has each stage's task run and its progress artifact, and the
 task logs its own start and finish. So progress never goes to Prefect's API as log lines.
 """

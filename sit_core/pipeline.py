@@ -1,25 +1,30 @@
 """Opening a run: config resolution, fail-fast checks, the run-dir lock and run.json.
 
 Both entry points use it: the Prefect flows and `run_pipeline` (plain function calls, the
-baseline the orchestration benchmark compares against).
+baseline the orchestration benchmark compares against). Each stage then runs through the
+driver (sit_core/driver.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import importlib.util
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from pydantic import ValidationError
 
-from .config import BATCH_FIELDS, STAGE_ORDER, SitConfig, TrainingConfig, check_models, fit_batch, load_config
-from .errors import ConfigError, SitError
-from .rundir import RUN_RECORD, RunLock, check_run_record, check_unlocked, ensure_writable, load_run_record, record_run
-from .stages import STAGE_MODULES, Progress, missing_inputs, run_stage
+from sit_core.config import BATCH_FIELDS, STAGE_ORDER, SitConfig, TrainingConfig, check_models, fit_batch, load_config
+from sit_core.errors import ConfigError, SitError
+from sit_core.driver import Progress, ShardRunner, mirror_for, run_stage
+from sit_core.stages import missing_inputs
+from sit_core.store.fileio import read_json
+from sit_core.training.distributed import LOCK_HOLDER_ENV
+from sit_core.store.rundir import (LOCK_NAME, RUN_RECORD, RunLock, check_run_record, check_unlocked, ensure_writable,
+                                   load_run_record, record_run)
 
 log = logging.getLogger("sit")
 
@@ -31,10 +36,6 @@ class OpenRun:
     stages: list[str]
     damaged: dict[str, list[str]] = field(default_factory=dict)
     pulled: list[str] = field(default_factory=list)
-
-
-def available_stages() -> list[str]:
-    return [s for s in STAGE_ORDER if importlib.util.find_spec(STAGE_MODULES[s]) is not None]
 
 
 def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str | None, profile: str | None,
@@ -49,7 +50,7 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
     source = {"config": config if isinstance(config, dict) else None, "preset": preset,
               "overrides": list(overrides or []), "config_path": str(config) if isinstance(config, (str, Path)) else None}
     if isinstance(config, (str, Path)):
-        from .config import read_config_file
+        from sit_core.config import read_config_file
 
         source["config"] = read_config_file(config)
     cfg = load_config(source["config"] if source["config"] is not None else None, preset=preset, profile=profile,
@@ -93,14 +94,6 @@ def keep_effective_batches(cfg: SitConfig, recorded: dict) -> tuple[SitConfig, l
     return cfg.model_copy(update={"training": cfg.training.model_copy(update=updates)}), notes
 
 
-def mirror_for(cfg: SitConfig, run_dir: Path):
-    if not cfg.hub_repo:
-        return None
-    from .hub import HubMirror
-
-    return HubMirror(cfg.hub_repo, run_dir)
-
-
 def check_run(run_dir: str | Path, config: dict | str | Path | None = None, *, preset: str | None = None,
               profile: str | None = None, overrides: list[str] | None = None,
               stages: list[str] | None = None) -> tuple[Path, SitConfig, dict, list[str]]:
@@ -114,10 +107,10 @@ def check_run(run_dir: str | Path, config: dict | str | Path | None = None, *, p
     unknown = [s for s in wanted if s not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"unknown stage(s): {', '.join(unknown)}", f"stages are: {', '.join(STAGE_ORDER)}")
-    todo = [s for s in STAGE_ORDER if s in wanted and s in available_stages()]
+    todo = [s for s in STAGE_ORDER if s in wanted]
     check_models(cfg, todo)
     if cfg.training.num_processes > 1:
-        from .training.distributed import check_processes
+        from sit_core.training.distributed import check_processes
 
         check_processes(cfg, [s for s in todo if s in BATCH_FIELDS])  # the training stages
     check_upstream(cfg, path, todo)
@@ -151,8 +144,8 @@ def prepare_run(run_dir: str | Path, config: dict | str | Path | None = None, *,
                 stages: list[str] | None = None) -> Iterator[OpenRun]:
     """Resolve and check the config, lock the run directory, pull the hub mirror (if any),
     find damaged stages, and record run.json. Nothing here loads a model."""
-    from .hub import verify_run_dir
-    from .secrets import install_log_redaction
+    from sit_core.store.hub import verify_run_dir
+    from sit_core.secrets import install_log_redaction
 
     install_log_redaction()
     path, cfg, source, todo = check_run(run_dir, config, preset=preset, profile=profile, overrides=overrides,
@@ -172,35 +165,48 @@ def prepare_run(run_dir: str | Path, config: dict | str | Path | None = None, *,
         yield opened
 
 
-def execute_stage(cfg: SitConfig, run_dir: Path, stage: str, progress: Progress = None) -> dict:
-    """Run one stage; with a hub mirror, sync every checkpoint_interval items and at the end.
-    A full disk becomes a SitError: every write is atomic or an fsynced append, so what was
-    written before it stays valid and the same command resumes once there is space."""
-    try:
-        return _execute_stage(cfg, run_dir, stage, progress)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise SitError(f"stage '{stage}': no space left on the device of {run_dir}",
-                       "free some space there (or move the run directory), then rerun the same command: finished "
-                       "work is kept and the stage resumes from its last checkpoint") from None
-
-
-def _execute_stage(cfg: SitConfig, run_dir: Path, stage: str, progress: Progress = None) -> dict:
-    mirror = mirror_for(cfg, run_dir)
-    if mirror is None:
-        return run_stage(cfg, run_dir, stage, progress)
-    from .hub import SyncThrottle
-
-    manifest = run_stage(cfg, run_dir, stage, SyncThrottle(mirror, stage, cfg.checkpoint_interval, progress))
-    mirror.push([Path(run_dir) / stage], message=f"sit: {stage} {manifest.get('status')}")
-    return manifest
-
-
 def run_pipeline(run_dir: str | Path, config: dict | str | Path | None = None, *, preset: str | None = None,
                  profile: str | None = None, overrides: list[str] | None = None, stages: list[str] | None = None,
-                 progress: Progress = None) -> dict:
+                 progress: Progress = None, runner: ShardRunner | None = None) -> dict:
     """Run the stages with plain function calls, no orchestration."""
     with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides,
                      stages=stages) as run:
-        return {stage: execute_stage(run.cfg, run.run_dir, stage, progress) for stage in run.stages}
+        return {stage: run_stage(run.cfg, run.run_dir, stage, progress, runner) for stage in run.stages}
+
+
+# ---------------------------------------------------------------------------------------
+# One stage in this process: `python -m sit_core.pipeline RUN_DIR STAGE [CONFIG_JSON]`, which
+# every rank of a distributed launch runs (sit_core/training/distributed.py)
+
+
+def _lock_held_for_us(run_dir: Path) -> bool:
+    holder = os.environ.get(LOCK_HOLDER_ENV)
+    try:
+        return holder is not None and str(read_json(Path(run_dir) / LOCK_NAME).get("pid")) == holder
+    except (OSError, ValueError):
+        return False
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) not in (2, 3):
+        raise SystemExit("usage: python -m sit_core.pipeline RUN_DIR STAGE [CONFIG_JSON]\n"
+                         "   or: accelerate launch --multi_gpu --num_processes N -m sit_core.pipeline RUN_DIR STAGE")
+    run_dir, stage = Path(argv[0]), argv[1]
+    if len(argv) == 3:
+        cfg = SitConfig.model_validate(read_json(Path(argv[2])))
+    else:
+        cfg = resolve_config(run_dir, None, None, None, None)[0]
+    # Rank 0 of a launch that sit started works under its caller's lock; started by hand, it takes the lock.
+    if int(os.environ.get("RANK", "0")) == 0 and not _lock_held_for_us(run_dir):
+        with RunLock(run_dir):
+            run_stage(cfg, run_dir, stage)
+    else:
+        run_stage(cfg, run_dir, stage)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except SitError as e:
+        print(f"error: {e.problem}\nfix: {e.fix}", file=sys.stderr)
+        sys.exit(2)

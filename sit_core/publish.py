@@ -32,12 +32,14 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
-from .errors import SitError
-from .fileio import read_json
-from .hub import HubMirror, RetryPolicy, verify_run_dir
-from .manifest import read_manifest
-from .rundir import RUN_RECORD
-from .secrets import redact
+from sit_core.contract import Read
+from sit_core.errors import SitError
+from sit_core.stages import declared, path_of
+from sit_core.store.fileio import read_json
+from sit_core.store.hub import HubMirror, RetryPolicy, verify_run_dir
+from sit_core.store.manifest import read_manifest
+from sit_core.store.rundir import RUN_RECORD
+from sit_core.secrets import redact
 
 log = logging.getLogger("sit.publish")
 
@@ -54,7 +56,7 @@ class Adapter:
 @dataclass(frozen=True)
 class Dataset:
     stage: str
-    file: str
+    output: str  # the name the stage declares for the file
     suffix: str
     title: str
     how: str
@@ -66,13 +68,13 @@ ADAPTERS = (
     Adapter("dpo", "dpo", "DPO-aligned LoRA adapter", ("lora", "dpo"), "preference"),
 )
 DATASETS = (
-    Dataset("generate", "generated.jsonl", "generated", "Magpie-generated instructions",
+    Dataset("generate", "records", "generated", "Magpie-generated instructions",
             "Instructions were sampled from the generator model by giving it only the pre-query part of its chat "
             "template (Magpie), and each instruction was answered by the same model."),
-    Dataset("filter", "kept.jsonl", "filtered", "Quality-filtered instructions",
+    Dataset("filter", "kept", "filtered", "Quality-filtered instructions",
             "The generated pairs were filtered by length, repetition, refusal keywords and language, then "
             "near-duplicates were removed with MinHash LSH (and optionally embedding similarity)."),
-    Dataset("preference", "pairs.jsonl", "preference", "Preference pairs",
+    Dataset("preference", "pairs", "preference", "Preference pairs",
             "For each kept instruction, several models wrote responses; a reward model (or an LLM judge) scored "
             "them, and the best and worst responses form a chosen/rejected pair when their margin is large enough."),
 )
@@ -106,17 +108,17 @@ def publish_run(run_dir: Path, namespace: str, token: str | None = None, private
         if ds.stage in ready:
             repo = mirror(repo_of[ds.stage], "dataset")
             card = dataset_card(run_dir, ds, config)
-            repo.upload({"data/train.jsonl": _output(run_dir, ds.stage, ds.file), "README.md": card.encode()},
+            repo.upload({"data/train.jsonl": _output(run_dir, ds.stage, ds.output), "README.md": card.encode()},
                         f"sit: publish {ds.stage} data")
             urls.append(repo.url)
     for ad in ADAPTERS:
         if ad.stage in ready:
             repo = mirror(repo_of[ad.stage], "model")
             dataset_repo = repo_of[ad.trained_on] if ad.trained_on in ready else None
-            files = {p.relative_to(run_dir / ad.stage / "final").as_posix(): p
-                     for p in sorted((run_dir / ad.stage / "final").rglob("*")) if p.is_file()}
-            if (run_dir / ad.stage / "curves.png").is_file():
-                files["curves.png"] = run_dir / ad.stage / "curves.png"
+            final, curves = path_of(run_dir, Read(ad.stage, "adapter")), path_of(run_dir, Read(ad.stage, "curves"))
+            files = {p.relative_to(final).as_posix(): p for p in sorted(final.rglob("*")) if p.is_file()}
+            if curves.is_file():
+                files[curves.name] = curves
             files["README.md"] = model_card(run_dir, ad, config, repo.repo_id, dataset_repo).encode()
             repo.upload(files, f"sit: publish {ad.stage} adapter")
             urls.append(repo.url)
@@ -129,14 +131,15 @@ def _is_done(run_dir: Path, stage: str) -> bool:
     return bool(manifest) and manifest.get("status") == "done"
 
 
-def _output(run_dir: Path, stage: str, name: str) -> Path:
-    """The stage's published file, which its manifest must vouch for (so a renamed output is an
-    explicit error here, not a silently missing dataset)."""
-    rel = f"{stage}/{name}"
+def _output(run_dir: Path, stage: str, output: str) -> Path:
+    """The stage's published file, which its manifest must vouch for (so a file the stage no
+    longer lists is an explicit error here, not a silently missing dataset)."""
+    path = path_of(run_dir, Read(stage, output))
+    rel = path.relative_to(run_dir).as_posix()
     if rel not in read_manifest(run_dir, stage).get("outputs", {}):
         raise SitError(f"stage '{stage}' finished without {rel} among its outputs",
-                       "update sit_core/publish.py's DATASETS to the file that stage now writes")
-    return run_dir / rel
+                       "rerun that stage (`sit reset` it, then `sit run`) so that it lists the file")
+    return path
 
 
 def _count_lines(path: Path) -> int:
@@ -152,7 +155,10 @@ def _size_category(n: int) -> str:
 
 
 def _metrics(run_dir: Path, stage: str) -> dict:
-    path = run_dir / stage / "metrics.json"
+    """The training metrics of a stage that writes them, else {}."""
+    if "metrics" not in declared(stage).writes:
+        return {}
+    path = path_of(run_dir, Read(stage, "metrics"))
     return read_json(path) if path.is_file() else {}
 
 
@@ -180,7 +186,7 @@ def _data_lineage(config: dict) -> str:
 
 def dataset_card(run_dir: Path, ds: Dataset, config: dict) -> str:
     """The README.md of a published dataset."""
-    path = _output(run_dir, ds.stage, ds.file)
+    path = _output(run_dir, ds.stage, ds.output)
     n = _count_lines(path)
     stats = read_manifest(run_dir, ds.stage).get("stats", {})
     data = DatasetCardData(
@@ -201,7 +207,7 @@ def dataset_card(run_dir: Path, ds: Dataset, config: dict) -> str:
 
 def model_card(run_dir: Path, ad: Adapter, config: dict, repo_id: str, dataset_repo: str | None) -> str:
     """The README.md of a published adapter."""
-    final = run_dir / ad.stage / "final"
+    final = path_of(run_dir, Read(ad.stage, "adapter"))
     training = read_json(final / "training_config.json") if (final / "training_config.json").is_file() else {}
     base = training.get("base_model") or config.get("models", {}).get("target")
     # The Hub validates base_model as a repo id; a local path or an embedded model only goes in the text.
@@ -209,7 +215,7 @@ def model_card(run_dir: Path, ad: Adapter, config: dict, repo_id: str, dataset_r
     data = ModelCardData(base_model=hub_base, library_name="peft", pipeline_tag="text-generation",
                          tags=["sit", "peft", *ad.tags], datasets=[dataset_repo] if dataset_repo else None)
     counts = {k: training[k] for k in ("training_data_size", "validation_data_size") if k in training}
-    curves = "![training curves](curves.png)\n\n" if (run_dir / ad.stage / "curves.png").is_file() else ""
+    curves = "![training curves](curves.png)\n\n" if path_of(run_dir, Read(ad.stage, "curves")).is_file() else ""
     body = (f"# {ad.title} of {base}\n\nMade by sit (Synthetic Instruction Tuner), stage `{ad.stage}`, "
             f"on synthetic data{f' ([{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}))' if dataset_repo else ''}.\n\n"
             f"## Use\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"

@@ -1,4 +1,6 @@
-"""Discarding a stage and every stage after it, so the next run recomputes them (`sit reset`).
+"""Discarding a stage and the stages that depend on it, so the next run recomputes them
+(`sit reset`). The dependents come from the stages' declared reads: resetting prompt_tuning
+discards evaluate and report, and keeps dpo, which reads only sft and preference.
 
 With a hub mirror (run.json's `hub_repo`) the same stages are deleted from the hub first, in
 one commit: otherwise the next run's pull would restore them. If the hub cannot be reached,
@@ -10,22 +12,21 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import STAGE_ORDER
-from .errors import SitError
-from .rundir import RESULTS_DIR, RUN_RECORD, RunLock, load_run_record
+from sit_core.errors import SitError
+from sit_core.stages import declared, dependents
+from sit_core.store.rundir import RESULTS_DIR, RUN_RECORD, RunLock, load_run_record
 
 
-def stages_from(first_stage: str) -> list[str]:
-    if first_stage not in STAGE_ORDER:
-        raise SitError(f"unknown stage '{first_stage}'", f"stages are: {', '.join(STAGE_ORDER)}")
-    return list(STAGE_ORDER[STAGE_ORDER.index(first_stage):])
+def stages_from(stage: str) -> list[str]:
+    """`stage` and every stage that depends on it, in pipeline order."""
+    return [declared(stage).name, *dependents(stage)]
 
 
-def reset_run(run_dir: Path, first_stage: str) -> list[str]:
-    """Delete `first_stage` and the stages after it (their directories and cached Prefect
-    results), on the hub mirror too. Returns the stages that were present locally."""
+def reset_run(run_dir: Path, stage: str) -> list[str]:
+    """Delete `stage` and its dependents (their directories and cached Prefect results), on
+    the hub mirror too. Returns the stages that were present locally."""
     run_dir = Path(run_dir)
-    doomed = stages_from(first_stage)
+    doomed = stages_from(stage)
     if not run_dir.is_dir():
         raise SitError(f"there is no run directory {run_dir}", "check the path (`sit status DIR` lists a run's stages)")
 
@@ -39,7 +40,7 @@ def reset_run(run_dir: Path, first_stage: str) -> list[str]:
         hub_repo = (load_run_record(run_dir).get("config") or {}).get("hub_repo") \
             if (run_dir / RUN_RECORD).exists() else None
         if hub_repo:
-            from .hub import HubMirror
+            from sit_core.store.hub import HubMirror
 
             HubMirror(hub_repo, run_dir).delete(discarded, message=f"sit reset: {', '.join(doomed)}")
         present = [s for s in doomed if (run_dir / s).exists()]

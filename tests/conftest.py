@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The embedded SmolLM2, materialized once into the shared cache."""
-    from sit_core.models import resolve_model_path
+    from sit_core.engine.models import resolve_model_path
 
     return Path(resolve_model_path("embedded:smollm2-135m-instruct"))
 

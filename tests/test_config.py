@@ -9,7 +9,7 @@ import pytest
 
 from sit_core.config import check_models, load_config
 from sit_core.errors import ConfigError
-from sit_core.profiles import classify_gpu
+from sit_core.config.profiles import classify_gpu
 
 SEED_CONFIG = """{
   "checkpoint_interval": 100,  // 20 -> 100

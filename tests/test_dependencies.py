@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("sit_core", "tasks", "flows", "sit_cli")
+SOURCES = ("sit_core", "sit_prefect", "sit_cli")
 CONSTRAINTS = ROOT / "scripts" / "constraints.txt"
 
 # Imported by the code but deliberately not in pyproject.toml's dependencies; matched on the

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from sit_core.driver import run_stage
 from sit_core.errors import SitError
-from sit_core.fileio import read_json
-from sit_core.rundir import RunLock, record_run
-from sit_core.training import common, distributed, prompt_tuning, sft
+from sit_core.store.fileio import read_json
+from sit_core.store.rundir import RunLock, record_run
+from sit_core.training import common
+from sit_core.training import distributed
+from sit_core.stages import prompt_tuning
+from sit_core.stages import sft
 from test_training import tiny_cfg, write_inputs
 from conftest import HANG_GUARD_S
 
@@ -37,7 +41,7 @@ def test_unsplittable_batch_fails_before_any_process_starts(run_dir, smollm2_pat
     write_inputs(run_dir)
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a launch was started"))
     with pytest.raises(SitError, match="does not split evenly"):
-        sft.run(tiny_cfg("training.num_processes=3"), run_dir)
+        run_stage(tiny_cfg("training.num_processes=3"), run_dir, "sft")
 
 
 def test_more_processes_than_gpus_fails_before_any_process_starts(run_dir, smollm2_path, monkeypatch):
@@ -48,7 +52,7 @@ def test_more_processes_than_gpus_fails_before_any_process_starts(run_dir, smoll
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a launch was started"))
     with pytest.raises(SitError, match=r"num_processes=2, but only 1 GPU\(s\) are visible") as e:
-        sft.run(tiny_cfg("training.num_processes=2"), run_dir)
+        run_stage(tiny_cfg("training.num_processes=2"), run_dir, "sft")
     assert "at most 1" in e.value.fix
 
 
@@ -67,10 +71,10 @@ def test_single_process_stage_resumes_on_two_ranks(run_dir, smollm2_path):
                 raise Interrupted
 
     with pytest.raises(Interrupted):
-        sft.run(tiny_cfg(), run_dir, callbacks=(StopAfterCheckpoint(),))
+        run_stage(tiny_cfg(), run_dir, "sft", callbacks=(StopAfterCheckpoint(),))
     assert common.checkpoint_is_complete(run_dir / "sft" / "checkpoints" / "checkpoint-2")
 
-    manifest = sft.run(tiny_cfg("training.num_processes=2"), run_dir)
+    manifest = run_stage(tiny_cfg("training.num_processes=2"), run_dir, "sft")
 
     starts = [e for e in manifest["events"] if e["event"] == "train_start"]
     # One start per session: rank 1 never wrote the manifest.
@@ -86,7 +90,7 @@ def test_single_process_stage_resumes_on_two_ranks(run_dir, smollm2_path):
     assert not (run_dir / "sft" / distributed.OOM_MARKER).exists()
     # The effective batch (2 = 1 per device x 1 x 2 ranks) is the single-process one, so the
     # stage is done for a single-process config too: nothing trains again.
-    again = sft.run(tiny_cfg(), run_dir)
+    again = run_stage(tiny_cfg(), run_dir, "sft")
     assert again["finished_at"] == manifest["finished_at"]
 
 
@@ -117,8 +121,7 @@ def test_oom_on_one_rank_relaunches_all_at_half_batch(run_dir, smollm2_path, tmp
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
 
     # Effective batch 4: 2 per device x 1 accumulation x 2 ranks, until rank 1 runs out of memory.
-    manifest = prompt_tuning.run(tiny_cfg("training.num_processes=2", "training.prompt_tuning_batch_size=4"),
-                                 run_dir)
+    manifest = run_stage(tiny_cfg("training.num_processes=2", "training.prompt_tuning_batch_size=4"), run_dir, "prompt_tuning")
 
     backoffs = [e for e in manifest["events"] if e["event"] == "oom_backoff"]
     assert len(backoffs) == 1
@@ -139,7 +142,7 @@ def test_raw_accelerate_command_takes_the_run_lock(run_dir, smollm2_path):
                "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
                "--dynamo_backend", "no", "-m", "sit_core.training.distributed", str(run_dir), "sft"]
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sit_core.rundir import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sit_core.store.rundir import RunLock\n"
                                "with RunLock(sys.argv[1]): print('held', flush=True); time.sleep(600)", str(run_dir)],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:

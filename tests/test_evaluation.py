@@ -12,9 +12,9 @@ import pytest
 
 from sit_core.config import load_config
 from sit_core.errors import SitError
-from sit_core.evaluation import agent, lm_eval_runner
-from sit_core.evaluation.stage import run as run_evaluate
-from sit_core.fileio import read_json
+from sit_core.stages.evaluate import agent, lm_eval_runner
+from sit_core.driver import run_stage
+from sit_core.store.fileio import read_json
 
 TASKS_DIR = Path(lm_eval_runner.__file__).parent / "tasks"
 
@@ -205,7 +205,7 @@ def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None
     cfg = load_config(None, preset="demo", profile="cpu", overrides=[
         "evaluation.limit=2", 'evaluation.variants=["base","sft","dpo"]',
         "evaluation.agent.num_tasks=1", "evaluation.agent.max_steps=2"])
-    manifest = run_evaluate(cfg, run_dir)
+    manifest = run_stage(cfg, run_dir, "evaluate")
 
     assert manifest["status"] == "done"
     stats = manifest["stats"]
@@ -235,7 +235,7 @@ def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None
     m["status"] = "partial"
     (evaluate / "manifest.json").write_text(json.dumps(m))
     before = sum(e["event"] == "task_evaluated" for e in m["events"])
-    resumed = run_evaluate(cfg, run_dir)
+    resumed = run_stage(cfg, run_dir, "evaluate")
     evaluated = [e for e in resumed["events"] if e["event"] == "task_evaluated"]
     assert len(evaluated) == before + 1 and evaluated[-1] == {**evaluated[-1], "variant": "sft", "task": "sit_mc_local"}
     assert (evaluate / "lm_eval" / "base.json").stat().st_mtime_ns == base_mtime

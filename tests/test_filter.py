@@ -8,10 +8,11 @@ import random
 
 import pytest
 
-from sit_core import quality_filter as qf
+from sit_core.driver import run_stage
+from sit_core.stages import filter as qf
 from sit_core.config import load_config
 from sit_core.errors import NotEnoughDataError
-from sit_core.fileio import read_jsonl
+from sit_core.store.fileio import read_jsonl
 
 GOOD = ("Photosynthesis is the process plants use to turn light, water and carbon dioxide into sugar "
         "and oxygen. It happens mostly in the leaves, inside chloroplasts, where chlorophyll absorbs light.")
@@ -102,7 +103,7 @@ def test_stage_statistics_selection_and_overlaps(tmp_path):
     (run_dir / "generate" / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = load_config({"generation": {"num_samples": 12}, "filter": {"target_count": 4, "min_count": 4},
                        "preference": {"num_pairs": 2}}, profile="cpu")
-    manifest = qf.run(cfg, run_dir)
+    manifest = run_stage(cfg, run_dir, "filter")
     stats = manifest["stats"]
     assert stats["flagged"] == {"length": 2, "repetition": 1, "refusal": 2, "language": 1, "near_dup": 1}
     assert stats["overlaps"] == {"length+refusal": 1}
@@ -116,7 +117,7 @@ def test_stage_statistics_selection_and_overlaps(tmp_path):
     other = tmp_path / "again"
     (other / "generate").mkdir(parents=True)
     (other / "generate" / "generated.jsonl").write_text((run_dir / "generate" / "generated.jsonl").read_text())
-    qf.run(cfg, other)
+    run_stage(cfg, other, "filter")
     assert (other / "filter" / "kept.jsonl").read_text() == (run_dir / "filter" / "kept.jsonl").read_text()
     assert manifest["outputs"]["filter/kept.jsonl"]["sha256"]
 
@@ -129,7 +130,7 @@ def test_too_few_survivors_names_the_worst_rule(tmp_path):
     cfg = load_config({"generation": {"num_samples": 10}, "filter": {"target_count": 5},
                        "preference": {"num_pairs": 2}}, profile="cpu")
     with pytest.raises(NotEnoughDataError) as e:
-        qf.run(cfg, run_dir)
+        run_stage(cfg, run_dir, "filter")
     assert "removed most is 'length'" in str(e.value) and "filter.length" in str(e.value)
     assert (run_dir / "filter" / "stats.json").exists()  # the statistics survive the failure
     assert not (run_dir / "filter" / "kept.jsonl").exists()  # never an empty training set

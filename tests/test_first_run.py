@@ -31,7 +31,7 @@ def _python(code: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_sit_leaves_prefect_a_startup_timeout_that_fits_a_cold_start_and_keeps_the_users(tmp_path):
-    code = "import flows.pipeline, os; print(os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS'])"
+    code = "import sit_prefect.flows, os; print(os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS'])"
     assert _python(code, _env(tmp_path)).stdout.split() == ["600"]
     users = _python(code, _env(tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="42"))
     assert users.stdout.split() == ["42"]
@@ -41,7 +41,7 @@ def test_an_empty_prefect_home_gets_the_database_prepared_at_install(tmp_path):
     """`scripts/install.sh` prepares it once; a new PREFECT_HOME (a new VM resuming from Drive)
     starts from a copy instead of migrating a database while the user waits."""
     env = _env(tmp_path)
-    prepared = _python("from tasks.local_server import prepare_database; print(prepare_database())", env)
+    prepared = _python("from sit_prefect.local_server import prepare_database; print(prepare_database())", env)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     template = Path(prepared.stdout.split()[-1])
     assert template.is_relative_to(tmp_path / "sit-cache")
@@ -49,7 +49,7 @@ def test_an_empty_prefect_home_gets_the_database_prepared_at_install(tmp_path):
         assert db.execute("select version_num from alembic_version").fetchone()
         assert db.execute("select count(*) from block_type").fetchone()[0] > 0  # blocks registered too
 
-    started = _python("from tasks.local_server import start_temporary_server as s; print('API', s())", env)
+    started = _python("from sit_prefect.local_server import start_temporary_server as s; print('API', s())", env)
     assert started.returncode == 0, started.stderr[-2000:]
     assert "seeded with the Prefect database prepared at install" in started.stderr
     assert started.stdout.split()[-1].startswith("http://127.0.0.1:")
@@ -57,7 +57,7 @@ def test_an_empty_prefect_home_gets_the_database_prepared_at_install(tmp_path):
 
 
 def test_a_server_that_never_answers_is_one_clear_error_not_a_traceback(tmp_path):
-    code = ("import tasks, sys\nfrom sit_core.errors import SitError\nfrom tasks.local_server import start_temporary_server\n"
+    code = ("import sit_prefect, sys\nfrom sit_core.errors import SitError\nfrom sit_prefect.local_server import start_temporary_server\n"
             "try:\n    start_temporary_server()\nexcept SitError as e:\n    print('PROBLEM', e.problem); print('FIX', e.fix)")
     # A one-second budget is shorter than the server's own import on any machine.
     out = _python(code, _env(tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1"))

@@ -20,7 +20,7 @@ OVERRIDES = ["generation.num_samples=4", "filter.target_count=2", "filter.min_co
 
 RUN_FLOW = textwrap.dedent("""
     import json, sys
-    from flows.pipeline import synthetic_instruction_tuner
+    from sit_prefect.flows import synthetic_instruction_tuner
     result = synthetic_instruction_tuner(run_dir=sys.argv[1], preset="demo", profile="cpu",
                                          overrides=sys.argv[2:], stages=["generate", "filter"])
     print("RESULT " + json.dumps(result))
@@ -28,7 +28,7 @@ RUN_FLOW = textwrap.dedent("""
 
 RUN_FLOW_IN_LOOP = textwrap.dedent("""
     import asyncio, json, sys
-    from flows.pipeline import synthetic_instruction_tuner
+    from sit_prefect.flows import synthetic_instruction_tuner
 
     async def cell():
         # What a notebook cell does: call the flow while an event loop is already running.

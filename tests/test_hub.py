@@ -1,4 +1,4 @@
-"""The Hugging Face Hub mirror (sit_core/hub.py) and publishing (sit_core/publish.py).
+"""The Hugging Face Hub mirror (sit_core/store/hub.py) and publishing (sit_core/publish.py).
 
 This machine cannot reach the Hub, so the tests cut at the HTTP boundary: huggingface_hub's
 own client stack runs unmodified (HfApi, create_commit with its preupload and ndjson commit,
@@ -41,8 +41,8 @@ from huggingface_hub.utils import _http as hf_http
 
 from sit_core.config import load_config
 from sit_core.errors import SitError
-from sit_core.fileio import append_jsonl, atomic_write_json, atomic_write_text, sha256_file
-from sit_core.hub import (
+from sit_core.store.fileio import append_jsonl, atomic_write_json, atomic_write_text, sha256_file
+from sit_core.store.hub import (
     STATE_FILE,
     HubAccessError,
     HubMirror,
@@ -52,9 +52,9 @@ from sit_core.hub import (
     is_mirrored,
     verify_run_dir,
 )
-from sit_core.manifest import begin_stage, read_manifest, stage_is_done
+from sit_core.store.manifest import begin_stage, read_manifest, stage_is_done
 from sit_core.reset import reset_run
-from sit_core.rundir import LOCK_NAME, record_run
+from sit_core.store.rundir import LOCK_NAME, record_run
 
 FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcd"
 ENDPOINT = "https://hub.test"
@@ -360,7 +360,7 @@ def test_invalid_token_wrong_repo_and_forbidden_repo(hub, run_dir, monkeypatch):
     with pytest.raises(HubAccessError, match="no access"):
         HubMirror("bob/gated", run_dir, endpoint=ENDPOINT, retry=FAST).push()
     monkeypatch.delenv("HF_TOKEN")
-    monkeypatch.setattr("sit_core.hub.hf_token", lambda: None)
+    monkeypatch.setattr("sit_core.store.hub.hf_token", lambda: None)
     with pytest.raises(HubAccessError, match="no Hugging Face token"):
         mirror(run_dir).push()
 

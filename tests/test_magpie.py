@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from sit_core import magpie
+from sit_core.driver import run_stage
+from sit_core.stages.generate import magpie
 from sit_core.config import load_config
-from sit_core.fileio import read_jsonl
+from sit_core.store.fileio import read_jsonl
 
 OVERRIDES = ["generation.num_samples=12", "filter.target_count=6", "preference.num_pairs=3",
              "generation.instruction_max_tokens=40", "generation.response_max_tokens=24",
@@ -27,7 +28,7 @@ def demo_cfg():
 
 
 def test_pre_query_template_comes_from_the_chat_template(smollm2_path):
-    from sit_core.models import load_tokenizer
+    from sit_core.engine.models import load_tokenizer
 
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
     before, after = magpie.pre_query_template(tok, None)
@@ -38,17 +39,18 @@ def test_pre_query_template_comes_from_the_chat_template(smollm2_path):
 
 CHILD = """
 import sys
-from sit_core import magpie
+from sit_core.driver import run_stage
+from sit_core.stages.generate import magpie
 from sit_core.config import load_config
 cfg = load_config(None, preset="demo", profile="cpu", overrides=sys.argv[2:])
-magpie.run(cfg, sys.argv[1])
+run_stage(cfg, sys.argv[1], "generate")
 """
 
 
 def test_kill_and_resume_gives_identical_records(tmp_path, smollm2_path):
     cfg = demo_cfg()
     reference = tmp_path / "uninterrupted"
-    magpie.run(cfg, reference)
+    run_stage(cfg, reference, "generate")
     expected = (reference / "generate" / "generated.jsonl").read_text()
     records = [json.loads(x) for x in expected.splitlines()]
     assert len(records) == 12 and all(r["instruction"] and r["response"] for r in records)
@@ -71,13 +73,13 @@ def test_kill_and_resume_gives_identical_records(tmp_path, smollm2_path):
     with open(log, "a") as f:  # a torn last line, as from a kill mid-append
         f.write('{"index": 99, "status": "ok", "instr')
 
-    manifest = magpie.run(cfg, killed)
+    manifest = run_stage(cfg, killed, "generate")
     assert (killed / "generate" / "generated.jsonl").read_text() == expected
     assert any(e["event"] == "resumed" for e in manifest["events"])
     assert manifest["status"] == "done"
     # A finished stage is not redone: the second call returns without loading the model.
     before = (killed / "generate" / "manifest.json").stat().st_mtime_ns
-    assert magpie.run(cfg, killed)["status"] == "done"
+    assert run_stage(cfg, killed, "generate")["status"] == "done"
     assert (killed / "generate" / "manifest.json").stat().st_mtime_ns == before
 
 
@@ -87,12 +89,12 @@ def test_resume_with_other_settings_is_refused(tmp_path, smollm2_path):
     cfg = demo_cfg()
     stage_dir = tmp_path / "generate"
     stage_dir.mkdir()
-    from sit_core.stages import open_stage
+    from sit_core.driver import open_stage
 
     open_stage(cfg, tmp_path, "generate")
     other = load_config(None, preset="demo", profile="cpu", overrides=OVERRIDES + ["generation.response_temperature=0.7"])
     with pytest.raises(ResumeMismatchError, match="generation.response_temperature"):
-        magpie.run(other, tmp_path)
+        run_stage(other, tmp_path, "generate")
     # batch size is performance-only: a different one resumes the same work
     faster = load_config(None, preset="demo", profile="cpu", overrides=OVERRIDES + ["generation.batch_size=2"])
     assert magpie.fingerprint(faster) == magpie.fingerprint(cfg)

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from sit_core import preference
+from sit_core.driver import run_stage
+from sit_core.stages.preference import build as preference
 from sit_core.config import load_config
 from sit_core.errors import NotEnoughDataError, SitError
-from sit_core.fileio import read_json, read_jsonl
-from sit_core.preference import Candidate, pick_pair, select_pairs
-from sit_core.preference_sampling import HANG_ENV
+from sit_core.store.fileio import read_json, read_jsonl
+from sit_core.stages.preference.build import Candidate, pick_pair, select_pairs
+from sit_core.engine.watchdog import HANG_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_process")
 
@@ -65,7 +66,7 @@ def responses_by_key(run_dir: Path) -> dict[str, str]:
 def baseline(one_thread_per_process, tmp_path_factory, smollm2_path):
     run_dir = make_run_dir(tmp_path_factory.mktemp("baseline") / "run")
     calls = []
-    manifest = preference.run(make_cfg(), run_dir, progress=lambda d, t: calls.append((d, t)))
+    manifest = run_stage(make_cfg(), run_dir, "preference", progress=lambda d, t: calls.append((d, t)))
     return run_dir, manifest, calls
 
 
@@ -141,15 +142,16 @@ def test_stable_run_writes_dpo_pairs_stats_and_histogram(baseline):
                                         "preference/score_histogram.png"}
     assert calls[-1][0] == calls[-1][1] == 12  # 6 responses sampled + 6 scored
     # Done: a second call returns the manifest without touching a model.
-    assert preference.run(make_cfg(), run_dir)["finished_at"] == manifest["finished_at"]
+    assert run_stage(make_cfg(), run_dir, "preference")["finished_at"] == manifest["finished_at"]
 
 
 _CHILD = """
 import json, sys
-from sit_core import preference
+from sit_core.driver import run_stage
+from sit_core.stages.preference import build as preference
 from sit_core.config import load_config
 cfg = load_config(None, preset="demo", profile="cpu", overrides=json.loads(sys.argv[1]))
-preference.run(cfg, sys.argv[2])
+run_stage(cfg, sys.argv[2], "preference")
 """
 
 
@@ -170,7 +172,7 @@ def test_sigkill_mid_stage_resumes_to_identical_output(baseline, tmp_path):
         child.wait()
     killed_at = len(read_jsonl(log))
     assert 2 <= killed_at < 6
-    manifest = preference.run(make_cfg(), run_dir)
+    manifest = run_stage(make_cfg(), run_dir, "preference")
     assert any(e["event"] == "resumed" for e in manifest["events"])
     assert responses_by_key(run_dir) == responses_by_key(base_dir)
     assert (run_dir / "preference/pairs.jsonl").read_bytes() == (base_dir / "preference/pairs.jsonl").read_bytes()
@@ -181,8 +183,7 @@ def test_batched_worker_that_hangs_is_killed_and_stage_falls_back_to_stable(base
     run_dir = make_run_dir(tmp_path / "run")
     monkeypatch.setenv(HANG_ENV, "2")  # the worker's second generate() never returns
     started = time.monotonic()
-    manifest = preference.run(make_cfg("preference.generation_batch_size=2", "preference.stall_timeout_s=4"),
-                              run_dir)
+    manifest = run_stage(make_cfg("preference.generation_batch_size=2", "preference.stall_timeout_s=4"), run_dir, "preference")
     stalls = [e for e in manifest["events"] if e["event"] == "stall"]
     assert len(stalls) == 1 and stalls[0]["model"] == "greedy" and stalls[0]["fallback"] == "stable"
     assert "no progress" in stalls[0]["reason"]
@@ -200,13 +201,13 @@ def test_changed_margin_reselects_from_logs_and_too_few_pairs_is_a_clear_error(b
     shutil.copytree(base_dir, run_dir)
     # Judge scores are probabilities, so no pair can reach a margin of 1.
     with pytest.raises(NotEnoughDataError) as err:
-        preference.run(make_cfg("preference.min_margin=1.0"), run_dir)
+        run_stage(make_cfg("preference.min_margin=1.0"), run_dir, "preference")
     msg = str(err.value)
     assert "only 0 preference pairs, 1 needed" in msg and "of 3 instructions 0 reached min_margin=1" in msg
     assert "below_margin=" in msg
     # Back to the old margin: pairs come from the logged responses and scores, no model runs.
     started = time.monotonic()
-    manifest = preference.run(make_cfg(), run_dir)
+    manifest = run_stage(make_cfg(), run_dir, "preference")
     assert time.monotonic() - started < 10
     assert any(e["event"] == "reselect" for e in manifest["events"])
     assert (run_dir / "preference/pairs.jsonl").read_bytes() == (base_dir / "preference/pairs.jsonl").read_bytes()
@@ -225,8 +226,8 @@ def test_response_model_that_fails_to_load_is_named_and_other_work_stays(baselin
     (run_dir / "preference").mkdir()
     (run_dir / "preference/responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in greedy))
     with pytest.raises(SitError) as err:
-        preference.run(make_cfg(f"models.response_models={json.dumps(models)}",
-                                f"preference.generation_batch_size={batch}"), run_dir)
+        run_stage(make_cfg(f"models.response_models={json.dumps(models)}",
+                                f"preference.generation_batch_size={batch}"), run_dir, "preference")
     assert "response model 'broken'" in str(err.value) and str(broken) in str(err.value)
     assert [r["key"] for r in read_jsonl(run_dir / "preference/responses.jsonl")] == [r["key"] for r in greedy]
     assert multiprocessing.active_children() == []
@@ -241,7 +242,7 @@ def minilm_reward_model(tmp_path_factory) -> Path:
     """A real (untrained-head) sequence-classification reward model built from all-MiniLM."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sit_core.models import resolve_model_path
+    from sit_core.engine.models import resolve_model_path
 
     src = resolve_model_path("embedded:all-minilm-l6-v2")
     out = tmp_path_factory.mktemp("minilm-reward")
@@ -257,7 +258,7 @@ def test_classifier_reward_model_through_the_stage(baseline, minilm_reward_model
     shutil.copy(base_dir / "preference/responses.jsonl", run_dir / "preference/responses.jsonl")
     cfg = make_cfg("models.reward_type=classifier", f"models.reward_model={minilm_reward_model}",
                    "preference.reward_batch_size=4")
-    manifest = preference.run(cfg, run_dir)
+    manifest = run_stage(cfg, run_dir, "preference")
     scores = read_jsonl(run_dir / "preference/scores.jsonl")
     assert len(scores) == 6 and all(isinstance(s["score"], float) for s in scores)
     assert manifest["stats"]["pairs"] >= 1
@@ -265,7 +266,7 @@ def test_classifier_reward_model_through_the_stage(baseline, minilm_reward_model
 
 
 def test_classifier_truncates_long_inputs(minilm_reward_model):
-    from sit_core.reward import ClassifierScorer
+    from sit_core.engine.reward import ClassifierScorer
 
     scorer = ClassifierScorer(str(minilm_reward_model), max_length=64)
     long = "word " * 2000
@@ -278,7 +279,7 @@ def test_classifier_truncates_long_inputs(minilm_reward_model):
 
 
 def test_judge_scores_are_probabilities_and_long_inputs_truncate(smollm2_path):
-    from sit_core.reward import JudgeScorer
+    from sit_core.engine.reward import JudgeScorer
 
     judge = JudgeScorer("embedded:smollm2-135m-instruct", "Is the response helpful?", max_length=48)
     scores = judge.score([("What is 2+2?", "4"), ("Tell me a story. " * 300, "Once upon a time " * 500)])
@@ -287,7 +288,7 @@ def test_judge_scores_are_probabilities_and_long_inputs_truncate(smollm2_path):
 
 
 def test_stall_before_a_restart_keeps_the_resumed_stage_in_stable_mode(baseline, tmp_path, monkeypatch):
-    from sit_core.stages import open_stage
+    from sit_core.driver import open_stage
 
     base_dir = baseline[0]
     run_dir = make_run_dir(tmp_path / "run")
@@ -297,6 +298,6 @@ def test_stall_before_a_restart_keeps_the_resumed_stage_in_stable_mode(baseline,
     greedy = [r for r in read_jsonl(base_dir / "preference/responses.jsonl") if r["model"] == "greedy"]
     (run_dir / "preference/responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in greedy))
     monkeypatch.setenv(HANG_ENV, "1")  # a worker, if one were started, would hang at once
-    manifest = preference.run(cfg, run_dir)
+    manifest = run_stage(cfg, run_dir, "preference")
     assert [e["reason"] for e in manifest["events"] if e["event"] == "stall"] == ["before the restart"]
     assert responses_by_key(run_dir) == responses_by_key(base_dir)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from sit_core.config import load_config
-from sit_core.report import run as run_report
+from sit_core.driver import run_stage
 
 TASKS = ["sit_ifeval_local", "sit_mc_local"]
 
@@ -50,7 +50,7 @@ def _fixture_run(run_dir: Path) -> None:
 def test_report_from_fixture_metrics(run_dir: Path) -> None:
     cfg = load_config(None, preset="demo", profile="cpu", overrides=[f"evaluation.tasks={json.dumps(TASKS)}"])
     _fixture_run(run_dir)
-    manifest = run_report(cfg, run_dir)
+    manifest = run_stage(cfg, run_dir, "report")
 
     assert manifest["status"] == "done"
     with open(run_dir / "report" / "comparison_summary.csv", encoding="utf-8") as f:
@@ -86,4 +86,4 @@ def test_report_from_fixture_metrics(run_dir: Path) -> None:
     assert "| prompt_tuning | missing |" in md
     assert "12,156,928" in md
 
-    assert run_report(cfg, run_dir) == manifest  # done: returned as it is, nothing recomputed
+    assert run_stage(cfg, run_dir, "report") == manifest  # done: returned as it is, nothing recomputed

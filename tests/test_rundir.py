@@ -11,9 +11,9 @@ import pytest
 
 from sit_core.config import load_config
 from sit_core.errors import ResumeMismatchError, RunLockedError, SitError
-from sit_core.fileio import append_jsonl, atomic_write_json, read_jsonl
-from sit_core.manifest import begin_stage, output_problems, stage_summary
-from sit_core.rundir import RunLock, ensure_writable, record_run
+from sit_core.store.fileio import append_jsonl, atomic_write_json, read_jsonl
+from sit_core.store.manifest import begin_stage, output_problems, stage_summary
+from sit_core.store.rundir import RunLock, ensure_writable, record_run
 
 
 def test_torn_last_line_is_dropped_and_repaired(tmp_path):
@@ -74,7 +74,7 @@ def test_record_run_refuses_a_different_config_but_not_other_batch_sizes(tmp_pat
 
 def test_second_run_on_the_same_directory_is_refused_with_the_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from sit_core.rundir import RunLock; "
+        "import sys, time; from sit_core.store.rundir import RunLock; "
         f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -105,7 +105,9 @@ def test_a_run_keeps_its_effective_batches_on_other_hardware(tmp_path):
     stay valid. Prompt tuning's and DPO's effective batches stay too, though SFT's accumulation
     (which they share by default) changes."""
     from sit_core.pipeline import resolve_config
-    from sit_core.training import dpo, prompt_tuning, sft
+    from sit_core.stages import dpo
+    from sit_core.stages import prompt_tuning
+    from sit_core.stages import sft
 
     run_dir = tmp_path / "run"
     on_t4, source = resolve_config(run_dir, None, "colab-t4", "t4", None)
@@ -118,7 +120,7 @@ def test_a_run_keeps_its_effective_batches_on_other_hardware(tmp_path):
     assert (t.sft_batch_size, t.gradient_accumulation_steps) == (8, 2)  # at most the A100's 12 per device
     assert t.precision == "bf16" and on_a100.profile == "a100"  # the rest of the profile applies
     for stage in (sft, prompt_tuning, dpo):
-        assert stage.fingerprint(on_a100) == stage.fingerprint(on_t4), stage.STAGE
+        assert stage.fingerprint(on_a100) == stage.fingerprint(on_t4), stage.NAME
     fresh, _ = resolve_config(tmp_path / "new-run", None, "colab-t4", "a100", None)
     assert sft.fingerprint(fresh) != sft.fingerprint(on_t4)  # a new run takes the profile's batch as is
 

@@ -12,10 +12,19 @@ from pathlib import Path
 import pytest
 from conftest import run_flow_script
 
-from sit_core import magpie, preference, preference_shards, shards
+from sit_core.driver import run_stage
+from sit_core.stages.generate import magpie
+
+from sit_core.driver import run_stage
+
+from sit_core.stages.preference import build as preference
+
+from sit_core.stages.preference import shards as preference_shards
+
+from sit_core.stages.generate import shards
 from sit_core.config import load_config
-from sit_core.fileio import read_json, read_jsonl, sha256_file
-from sit_core.preference_sampling import HANG_ENV
+from sit_core.store.fileio import read_json, read_jsonl, sha256_file
+from sit_core.engine.watchdog import HANG_ENV
 
 # One torch thread in every process: two workers with two threads each on two shared cores
 # spin against each other (the Magpie test took 63 s on an idle machine, 650 s beside another
@@ -29,7 +38,7 @@ FILES = ("generated.jsonl", "attempts.jsonl", "stats.json")
 
 RUN_SHARDED = textwrap.dedent("""
     import json, sys
-    from flows.sharded import synthetic_instruction_tuner_sharded
+    from sit_prefect.flows import synthetic_instruction_tuner_sharded
     from prefect import get_client
     result = synthetic_instruction_tuner_sharded(run_dir=sys.argv[1], preset="demo", profile="cpu",
                                                  overrides=sys.argv[3:], stages=[sys.argv[2]], workers=2)
@@ -52,7 +61,7 @@ def test_split_is_whole_batches_and_covers_the_range():
 def test_two_workers_equal_one_and_resume_redoes_only_unfinished_shards(tmp_path, smollm2_path):
     cfg = load_config(None, preset="demo", profile="cpu", overrides=OVERRIDES)
     reference = tmp_path / "one-worker"
-    magpie.run(cfg, reference)
+    run_stage(cfg, reference, "generate")
 
     sharded = tmp_path / "two-workers"
     result = run_sharded(sharded, tmp_path / "home")
@@ -106,7 +115,7 @@ def pref_run_dir(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def pref_one_process(one_thread_per_process, tmp_path_factory, smollm2_path) -> Path:
     run_dir = pref_run_dir(tmp_path_factory.mktemp("pref") / "one-process")
-    preference.run(load_config(None, preset="demo", profile="cpu", overrides=PREF_OVERRIDES), run_dir)
+    run_stage(load_config(None, preset="demo", profile="cpu", overrides=PREF_OVERRIDES), run_dir, "preference")
     return run_dir
 
 
@@ -183,15 +192,15 @@ def test_a_stall_in_a_shard_is_recorded_by_the_parent_and_that_shard_falls_back(
     ([], "plain", {}),
 ])
 def test_sit_run_picks_the_sharded_flow_for_workers_or_devices(tmp_path, monkeypatch, flags, flow, extra):
-    import flows.pipeline
-    import flows.sharded
+    import sit_prefect.flows
+    import sit_prefect.sharded
     from typer.testing import CliRunner
 
     from sit_cli.main import app
 
     calls = {}
-    monkeypatch.setattr(flows.sharded, "synthetic_instruction_tuner_sharded", lambda **kw: calls.update(sharded=kw))
-    monkeypatch.setattr(flows.pipeline, "synthetic_instruction_tuner", lambda **kw: calls.update(plain=kw))
+    monkeypatch.setattr(sit_prefect.sharded, "synthetic_instruction_tuner_sharded", lambda **kw: calls.update(sharded=kw))
+    monkeypatch.setattr(sit_prefect.flows, "synthetic_instruction_tuner", lambda **kw: calls.update(plain=kw))
     result = CliRunner().invoke(app, ["run", "--run-dir", str(tmp_path / "run"), "--preset", "demo", "--profile", "cpu",
                                       "--stages", "generate", *flags])
     assert result.exit_code == 0, result.output

@@ -15,11 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from sit_core.driver import run_stage
 from sit_core.config import load_config
 from sit_core.errors import ResumeMismatchError, SitError
-from sit_core.fileio import append_jsonl, read_json
-from sit_core.stages import open_stage
-from sit_core.training import common, dpo, prompt_tuning, sft
+from sit_core.store.fileio import append_jsonl, read_json
+from sit_core.driver import open_stage
+from sit_core.training import common
+from sit_core.stages import dpo
+from sit_core.stages import prompt_tuning
+from sit_core.stages import sft
 
 TINY = ["training.max_steps=4", "training.sft_save_steps=2", "training.dpo_save_steps=2",
         "training.max_seq_length=96", "training.validation_size=2", "training.sft_batch_size=2",
@@ -65,7 +69,7 @@ def sft_done(tmp_path_factory, smollm2_path) -> Path:
     """One uninterrupted SFT run, the reference for the resume test and the input of DPO."""
     run_dir = tmp_path_factory.mktemp("sft") / "run"
     write_inputs(run_dir)
-    sft.run(tiny_cfg(), run_dir)
+    run_stage(tiny_cfg(), run_dir, "sft")
     return run_dir
 
 
@@ -85,13 +89,13 @@ def no_model_loads(monkeypatch):
 def test_too_small_dataset_fails_before_model_load(run_dir, n_kept, no_model_loads):
     write_inputs(run_dir, n_kept=n_kept)
     with pytest.raises(SitError, match="too few for a validation split"):
-        sft.run(tiny_cfg(), run_dir)
+        run_stage(tiny_cfg(), run_dir, "sft")
 
 
 def test_model_without_lora_targets_lists_its_modules(run_dir, smollm2_path, no_model_loads):
     write_inputs(run_dir)
     with pytest.raises(SitError) as e:
-        sft.run(tiny_cfg('training.lora_target_modules=["c_attn","query"]'), run_dir)
+        run_stage(tiny_cfg('training.lora_target_modules=["c_attn","query"]'), run_dir, "sft")
     msg = str(e.value)
     assert "none of the LoRA target modules" in msg
     for have in ("q_proj", "down_proj", "lm_head"):
@@ -102,7 +106,7 @@ def test_resume_against_different_config_is_refused(run_dir, smollm2_path, no_mo
     write_inputs(run_dir)
     open_stage(tiny_cfg(), run_dir, "sft")  # a partial SFT stage made with r=8
     with pytest.raises(ResumeMismatchError, match="lora_r"):
-        sft.run(tiny_cfg("training.lora_r=4"), run_dir)
+        run_stage(tiny_cfg("training.lora_r=4"), run_dir, "sft")
 
 
 def test_backoff_keeps_effective_batch():
@@ -146,7 +150,7 @@ def test_sft_outputs_and_metrics(sft_done, monkeypatch):
     assert manifest["status"] == "done" and "sft/metrics.json" in manifest["outputs"]
     # Done: a second call returns the manifest without loading a model.
     monkeypatch.setattr(common, "load_base_model", lambda *a, **k: pytest.fail("model loaded"))
-    assert sft.run(tiny_cfg(), sft_done)["finished_at"] == manifest["finished_at"]
+    assert run_stage(tiny_cfg(), sft_done, "sft")["finished_at"] == manifest["finished_at"]
 
 
 CHILD = textwrap.dedent("""
@@ -154,7 +158,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     from transformers import TrainerCallback
     from sit_core.config import load_config
-    from sit_core.training import sft
+    from sit_core.stages import sft
 
     run_dir, marker, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 
@@ -165,7 +169,7 @@ CHILD = textwrap.dedent("""
                 marker.write_text("ready")
                 time.sleep(3600)
 
-    sft.run(load_config(None, preset="demo", profile="cpu", overrides=overrides), run_dir, callbacks=(Hang(),))
+    run_stage(load_config(None, preset="demo", profile="cpu", overrides=overrides), run_dir, "sft", callbacks=(Hang(),))
 """)
 
 
@@ -190,7 +194,7 @@ def test_sft_sigkill_then_resume_matches_uninterrupted(tmp_path, sft_done):
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes((ckpts / "checkpoint-2" / "adapter_model.safetensors").read_bytes())
 
-    manifest = sft.run(tiny_cfg(), run_dir)
+    manifest = run_stage(tiny_cfg(), run_dir, "sft")
 
     events = [e["event"] for e in manifest["events"]]
     assert "checkpoint_incomplete" in events
@@ -223,7 +227,7 @@ def test_prompt_tuning_backs_off_on_oom_and_resumes(run_dir, smollm2_path):
                 OomOnce.fired = True
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
 
-    manifest = prompt_tuning.run(tiny_cfg(), run_dir, callbacks=(OomOnce(),))
+    manifest = run_stage(tiny_cfg(), run_dir, "prompt_tuning", callbacks=(OomOnce(),))
 
     assert OomOnce.fired
     backoffs = [e for e in manifest["events"] if e["event"] == "oom_backoff"]
@@ -258,7 +262,7 @@ def test_dpo_starts_from_sft_and_references_it(sft_done):
                     torch.equal(params[name.replace(".default.", ".ref.")].detach().cpu(), value))
             seen["ref_frozen"] = not any(p.requires_grad for n, p in params.items() if ".ref." in n)
 
-    manifest = dpo.run(tiny_cfg(), sft_done, callbacks=(Inspect(),))
+    manifest = run_stage(tiny_cfg(), sft_done, "dpo", callbacks=(Inspect(),))
 
     assert all(seen["policy"]) and all(seen["ref"]) and seen["ref_frozen"]
     assert manifest["status"] == "done"

@@ -31,7 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 RUN_FLOW = textwrap.dedent("""
     import json, sys
-    from flows.pipeline import synthetic_instruction_tuner
+    from sit_prefect.flows import synthetic_instruction_tuner
     state = synthetic_instruction_tuner(run_dir=sys.argv[1], preset="demo", profile="cpu", overrides=sys.argv[2:],
                                         stages=["generate", "filter"], return_state=True)
     print("RESULT " + json.dumps({"id": str(state.state_details.flow_run_id), "state": state.type.value}))

@@ -14,6 +14,7 @@ Layout of `<run_dir>/<stage>/`:
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import random
 import resource
@@ -23,16 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import SitConfig, fit_batch
-from ..errors import SitError
-from ..fileio import atomic_write_json, iter_files, read_json, read_jsonl
-from ..manifest import StageRun, rel
-from ..models import pick_device, resolve_model_path, torch_dtype
-from ..stages import Progress, done_manifest, open_stage
-from . import distributed
+from sit_core.config import SitConfig, fit_batch
+from sit_core.contract import Read, Stage
+from sit_core.errors import SitError
+from sit_core.store.fileio import atomic_write_json, iter_files, read_json, read_jsonl
+from sit_core.store.manifest import StageRun, rel
+from sit_core.engine.models import pick_device, resolve_model_path, torch_dtype
+from sit_core.training import distributed
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+METRICS = "metrics.json"
+LOG_HISTORY = "log_history.json"
+CURVES = "curves.png"
 
 # Greedy continuations of these prompts measure inference speed; fixed so that methods and
 # runs compare on the same work.
@@ -251,11 +255,28 @@ def newest_complete_checkpoint(run: StageRun) -> Path | None:
     return None
 
 
+def instruction_split(cfg: SitConfig, kept: Path, stage: str) -> tuple[list[dict], list[dict]]:
+    """The filter's kept records as chat conversations, split train/validation from the run seed.
+    SFT and prompt tuning both train on it, so both methods see the same split."""
+    rows = read_records(kept, {"instruction": str, "response": str}, "kept instruction")
+    train, val = split_records(rows, cfg.training.validation_size, cfg.seed, stage)
+    return ([conversation(r["instruction"], r["response"]) for r in train],
+            [conversation(r["instruction"], r["response"]) for r in val])
+
+
+def make_sft_trainer(model, tokenizer, kwargs, train_ds, eval_ds, callbacks, *, max_length: int):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**kwargs, max_length=max_length, packing=False)
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, callbacks=callbacks)
+
+
 # ---------------------------------------------------------------------------------------
 # Callbacks
 
 
-def _stage_callbacks(run: StageRun, progress: Progress, clock_path: Path):
+def _stage_callbacks(run: StageRun, clock_path: Path):
     """Progress reporting and a training clock that survives restarts: the seconds spent in
     optimizer steps (forward, backward, update; not eval or checkpoint I/O) and the wall
     time are saved alongside every checkpoint and picked up again on resume."""
@@ -285,8 +306,6 @@ def _stage_callbacks(run: StageRun, progress: Progress, clock_path: Path):
 
         def on_log(self, args, state, control, **kw):
             run.progress(state.global_step, state.max_steps)
-            if progress is not None:
-                progress(state.global_step, state.max_steps)
 
     return StageCallback()
 
@@ -344,20 +363,40 @@ def fingerprint(cfg: SitConfig, fields: list[str], batch: int, grad_accum: int) 
     }
 
 
-def train_stage(cfg: SitConfig, run_dir: Path, stage: str, method_factory: Callable[[SitConfig, Path], Method],
-                progress: Progress = None, callbacks: tuple = ()) -> dict:
-    """Run (or resume, or return) one training stage. `callbacks` are extra Trainer
-    callbacks, used by tests to interrupt training at a chosen step."""
-    if m := done_manifest(cfg, run_dir, stage):
-        return m
-    method = method_factory(cfg, Path(run_dir))  # reads and checks the data: no model loaded yet
+def training_stage(name: str, reads: tuple[Read, ...], fingerprint: Callable[[SitConfig], dict],
+                   method: Callable[[SitConfig, Path], Method]) -> Stage:
+    """The declaration of a training stage: `method` makes its Method, train_stage does the rest."""
+    return Stage(
+        name=name, reads=reads, fingerprint=fingerprint,
+        writes={"adapter": FINAL, "metrics": METRICS, "log_history": LOG_HISTORY, "curves": CURVES},
+        work=functools.partial(train_stage, method_factory=method),
+        open=functools.partial(open_training_stage, stage=name),
+    )
+
+
+def open_training_stage(cfg: SitConfig, run_dir: Path, open_stage: Callable[[SitConfig, Path, str], StageRun],
+                        stage: str) -> StageRun:
+    """A training stage's opening, for the driver: in a distributed launch rank 0 opens the
+    manifest (and the others wait for it, then follow it without writing); elsewhere the
+    driver's own `open_stage`."""
+    rank, processes = distributed.world()
+    if processes == 1:
+        return open_stage(cfg, run_dir, stage)
+    group = distributed.start(cpu=hardware(cfg).device != "cuda")
+    with distributed.rank0_first(group):
+        return open_stage(cfg, run_dir, stage) if rank == 0 else distributed.follow_stage(run_dir, stage)
+
+
+def train_stage(cfg: SitConfig, run: StageRun, method_factory: Callable[[SitConfig, Path], Method],
+                callbacks: tuple = ()) -> dict:
+    """Train (or resume) one training stage. `callbacks` are extra Trainer callbacks, used by
+    tests to interrupt training at a chosen step."""
+    method = method_factory(cfg, run.run_dir)  # reads and checks the data: no model loaded yet
     rank, processes = distributed.world()
     if processes == 1 and cfg.training.num_processes > 1:
-        return distributed.launch(cfg, Path(run_dir), stage, progress)
+        return distributed.launch(cfg, run)
     hw = hardware(cfg)
     group = distributed.start(cpu=hw.device != "cuda")
-    with distributed.rank0_first(group):
-        run = open_stage(cfg, run_dir, method.stage) if rank == 0 else distributed.follow_stage(run_dir, method.stage)
 
     import torch
     from transformers import set_seed
@@ -380,7 +419,7 @@ def train_stage(cfg: SitConfig, run_dir: Path, stage: str, method_factory: Calla
             for n, p in model.named_parameters():
                 if n in initial:
                     p.copy_(initial[n])
-        stage_cb = _stage_callbacks(run, progress, clock_path)
+        stage_cb = _stage_callbacks(run, clock_path)
         trainer = method.make_trainer(model, tokenizer, _trainer_kwargs(cfg, hw, method, run, batch, grad_accum),
                                       _dataset(method.train_rows), _dataset(method.eval_rows),
                                       [stage_cb, *callbacks])
@@ -530,10 +569,10 @@ def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable
         "results": {"train_loss": train_loss, "eval_loss": eval_loss, "total_steps": step},
         "timestamp": _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
     })
-    atomic_write_json(run.dir / "metrics.json", metrics)
-    atomic_write_json(run.dir / "log_history.json", history)
-    plot_curves(history, run.dir / "curves.png", method.stage)
-    outputs = [*iter_files(final), run.dir / "metrics.json", run.dir / "log_history.json", run.dir / "curves.png"]
+    atomic_write_json(run.dir / METRICS, metrics)
+    atomic_write_json(run.dir / LOG_HISTORY, history)
+    plot_curves(history, run.dir / CURVES, method.stage)
+    outputs = [*iter_files(final), run.dir / METRICS, run.dir / LOG_HISTORY, run.dir / CURVES]
     return run.finish(outputs, stats=metrics)
 
 

@@ -5,11 +5,11 @@ The caller (the pipeline process, which holds the run lock) checks the data, the
 
     python -m accelerate.commands.launch --multi_gpu --num_processes N --num_machines 1 \
         --main_process_port 0 --mixed_precision no --dynamo_backend no \
-        -m sit_core.training.distributed RUN_DIR STAGE CONFIG_JSON
+        -m sit_core.pipeline RUN_DIR STAGE CONFIG_JSON
 
-and waits, turning the manifest's progress into the caller's progress callback (the Prefect
-UI, the hub mirror's periodic sync). Each rank runs the ordinary stage driver
-(common.train_stage). Rank 0 is the only writer: the manifest, the clock, the final adapter and
+and waits, relaying the manifest's progress to the caller's listeners (the Prefect UI, the
+hub mirror's periodic sync). Each rank runs the ordinary stage driver (sit_core/driver.py),
+which opens the stage through common.open_training_stage and trains in common.train_stage. Rank 0 is the only writer: the manifest, the clock, the final adapter and
 metrics, and (the Trainer's own rule) the checkpoints; the other ranks read the same data and
 train in lockstep. The effective batch (per-device batch x accumulation x processes) stays the
 profile's, so the fingerprint and learning-rate schedule equal a single-process run's and a
@@ -24,7 +24,7 @@ own flag stays "no".
 Run by hand, without a caller holding the lock, rank 0 takes the run lock itself and the
 config is the one recorded in run.json:
 
-    accelerate launch --multi_gpu --num_processes 4 -m sit_core.training.distributed runs/a sft
+    accelerate launch --multi_gpu --num_processes 4 -m sit_core.pipeline runs/a sft
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import SitConfig, fit_batch
-from ..errors import SitError
-from ..fileio import atomic_write_json, read_json
-from ..manifest import StageRun, read_manifest
-from ..stages import Progress
+from sit_core.config import SitConfig, fit_batch
+from sit_core.errors import SitError
+from sit_core.store.fileio import atomic_write_json, read_json
+from sit_core.store.manifest import StageRun, read_manifest
 
 OOM_MARKER = "oom.json"
 # Set by launch() for its ranks: the pid that holds the run lock on their behalf.
@@ -114,7 +113,7 @@ def report_oom(stage_dir: Path, batch: int, grad_accum: int) -> None:
 def launch_command(run_dir: Path, stage: str, config_path: Path, processes: int) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "sit_core.training.distributed", str(run_dir), stage, str(config_path)]
+            "-m", "sit_core.pipeline", str(run_dir), stage, str(config_path)]
 
 
 def check_processes(cfg: SitConfig, stages: list[str]) -> None:
@@ -126,9 +125,12 @@ def check_processes(cfg: SitConfig, stages: list[str]) -> None:
     _check_devices(cfg.training.num_processes)
 
 
-def launch(cfg: SitConfig, run_dir: Path, stage: str, progress: Progress = None) -> dict:
-    """Train `stage` on cfg.training.num_processes ranks; returns its finished manifest."""
-    from .common import backoff
+def launch(cfg: SitConfig, parent: StageRun) -> dict:
+    """Train the stage on cfg.training.num_processes ranks; returns its finished manifest. The
+    ranks write the manifest (rank 0 reopens it); this process only relays their progress."""
+    from sit_core.training.common import backoff
+
+    run_dir, stage = parent.run_dir, parent.stage
 
     processes = cfg.training.num_processes
     check_processes(cfg, [stage])
@@ -139,7 +141,7 @@ def launch(cfg: SitConfig, run_dir: Path, stage: str, progress: Progress = None)
     try:
         while True:
             marker.unlink(missing_ok=True)
-            returncode = _wait(launch_command(run_dir, stage, config_path, processes), run_dir, stage, progress)
+            returncode = _wait(launch_command(run_dir, stage, config_path, processes), parent)
             if returncode == 0:
                 break
             if not marker.exists():
@@ -180,7 +182,7 @@ def _check_devices(processes: int) -> None:
                        "with CUDA_VISIBLE_DEVICES)")
 
 
-def _wait(command: list[str], run_dir: Path, stage: str, progress: Progress) -> int:
+def _wait(command: list[str], parent: StageRun) -> int:
     """Run the launcher; forward the manifest's progress while it runs. Stopping the caller
     (Ctrl-C, a cancelled flow run) stops the ranks too."""
     log.info("training: %s", shlex.join(command))
@@ -190,11 +192,11 @@ def _wait(command: list[str], run_dir: Path, stage: str, progress: Progress) -> 
     try:
         while proc.poll() is None:
             time.sleep(POLL_S)
-            manifest = read_manifest(run_dir, stage) or {}
+            manifest = read_manifest(parent.run_dir, parent.stage) or {}
             done = manifest.get("progress")
-            if progress is not None and done and done != last:
+            if done and done != last:
                 last = done
-                progress(done["done"], done["total"])
+                parent.announce(done["done"], done["total"])
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -203,47 +205,3 @@ def _wait(command: list[str], run_dir: Path, stage: str, progress: Progress) -> 
             except subprocess.TimeoutExpired:
                 proc.kill()
     return proc.returncode
-
-
-# ---------------------------------------------------------------------------------------
-# A rank's side
-
-
-def _lock_held_for_us(run_dir: Path) -> bool:
-    from ..rundir import LOCK_NAME
-
-    holder = os.environ.get(LOCK_HOLDER_ENV)
-    try:
-        return holder is not None and str(read_json(Path(run_dir) / LOCK_NAME).get("pid")) == holder
-    except (OSError, ValueError):
-        return False
-
-
-def main(argv: list[str]) -> None:
-    from ..stages import stage_module
-
-    if len(argv) not in (2, 3):
-        raise SystemExit("usage: accelerate launch --multi_gpu --num_processes N "
-                         "-m sit_core.training.distributed RUN_DIR STAGE [CONFIG_JSON]")
-    run_dir, stage = Path(argv[0]), argv[1]
-    if len(argv) == 3:
-        cfg = SitConfig.model_validate(read_json(Path(argv[2])))
-    else:
-        from ..pipeline import resolve_config
-
-        cfg = resolve_config(run_dir, None, None, None, None)[0]
-    if world()[0] == 0 and not _lock_held_for_us(run_dir):
-        from ..rundir import RunLock
-
-        with RunLock(run_dir):
-            stage_module(stage).run(cfg, run_dir)
-    else:
-        stage_module(stage).run(cfg, run_dir)
-
-
-if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except SitError as e:
-        print(f"error: {e.problem}\nfix: {e.fix}", file=sys.stderr)
-        sys.exit(2)

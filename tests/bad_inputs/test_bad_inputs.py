@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from sit_core.config import load_config
 from sit_core.errors import SitError
-from sit_core.fileio import read_jsonl
+from sit_core.store.fileio import read_jsonl
 
 HERE = Path(__file__).parent
 FILES = HERE / "files"
@@ -34,12 +34,12 @@ def test_the_corpus_is_complete():
 @pytest.fixture
 def no_flow(monkeypatch):
     """`sit run` cases must stop in the CLI's checks: reaching the Prefect flow fails the test."""
-    import flows.pipeline
+    import sit_prefect.flows
 
     def reached(**kwargs):
         raise AssertionError("the bad input got past `sit run`'s checks into the Prefect flow")
 
-    monkeypatch.setattr(flows.pipeline, "synthetic_instruction_tuner", reached)
+    monkeypatch.setattr(sit_prefect.flows, "synthetic_instruction_tuner", reached)
 
 
 def _fill(value, file: Path | None, run_dir: Path):
@@ -75,17 +75,21 @@ def test_bad_input(case, tmp_path, monkeypatch, no_flow):
         return
 
     if "stage" in case:
-        from sit_core.pipeline import execute_stage
-        from sit_core.stages import stage_module
+        import importlib
+        import sys
+
+        from sit_core.driver import run_stage
 
         loads = []
-        module = stage_module(case["stage"])
-        for owner in (module, __import__("sit_core.models", fromlist=["x"])):  # its own import of it, too
+        importlib.import_module(f"sit_core.stages.{case['stage']}")
+        owners = [m for n, m in list(sys.modules.items())  # the stage's modules' own imports of it, too
+                  if n.startswith(f"sit_core.stages.{case['stage']}") or n.startswith("sit_core.engine.")]
+        for owner in owners:
             if hasattr(owner, "load_causal_lm"):
                 monkeypatch.setattr(owner, "load_causal_lm", lambda *a, **k: loads.append(a) or 1 / 0)
         cfg = load_config(None, preset="demo", profile="cpu", overrides=case.get("overrides"))
         with pytest.raises(SitError) as err:
-            execute_stage(cfg, run_dir, case["stage"])
+            run_stage(cfg, run_dir, case["stage"])
         for phrase in _expected(case):
             assert phrase in str(err.value)
         assert err.value.fix, "a SitError must say how to fix it"
@@ -175,8 +179,8 @@ def test_no_space_for_the_model_cache_is_a_clear_error_before_any_model_loads(sm
 def test_disk_filling_up_mid_stage_keeps_finished_work_and_resumes(small_disk, tmp_path, monkeypatch):
     """The filter stage runs out of space writing its outputs: a SitError saying so, the
     input and the manifest intact, and after space is freed the same call finishes."""
-    from sit_core.manifest import read_manifest
-    from sit_core.pipeline import execute_stage
+    from sit_core.store.manifest import read_manifest
+    from sit_core.driver import run_stage
 
     cfg = load_config(None, preset="demo", profile="cpu", overrides=["generation.num_samples=300",
                       "filter.target_count=200", "filter.min_count=1", "filter.length.min=1",
@@ -194,7 +198,7 @@ def test_disk_filling_up_mid_stage_keeps_finished_work_and_resumes(small_disk, t
     os.truncate(filler, max(0, filler.stat().st_size - 64 * 1024))  # room to start, not to finish
 
     with pytest.raises(SitError, match="no space left on the device") as err:
-        execute_stage(cfg, run_dir, "filter")
+        run_stage(cfg, run_dir, "filter")
     assert "rerun the same command" in err.value.fix
     assert generated.read_bytes() == before
     manifest = read_manifest(run_dir, "filter")
@@ -203,5 +207,5 @@ def test_disk_filling_up_mid_stage_keeps_finished_work_and_resumes(small_disk, t
     assert not kept.exists() or read_jsonl(kept)  # never a half-written output
 
     filler.unlink()
-    done = execute_stage(cfg, run_dir, "filter")
+    done = run_stage(cfg, run_dir, "filter")
     assert done["status"] == "done" and read_jsonl(kept)

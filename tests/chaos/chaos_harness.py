@@ -30,9 +30,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from sit_core.config import STAGE_ORDER  # noqa: E402
-from sit_core.fileio import read_jsonl  # noqa: E402
-from sit_core.manifest import output_problems, read_manifest, stage_summary  # noqa: E402
-from sit_core.rundir import LOCK_NAME  # noqa: E402
+from sit_core.store.fileio import read_jsonl  # noqa: E402
+from sit_core.store.manifest import output_problems, read_manifest, stage_summary  # noqa: E402
+from sit_core.store.rundir import LOCK_NAME  # noqa: E402
 
 # The demo pipeline, shrunk so one uninterrupted run takes about a minute and a half on an
 # idle 2-core machine: every stage still does real work on the real embedded model.

@@ -37,8 +37,8 @@ import httpx2
 import pytest
 
 import chaos_harness as harness
-from sit_core.fileio import read_json, read_jsonl
-from sit_core.hub import is_mirrored
+from sit_core.store.fileio import read_json, read_jsonl
+from sit_core.store.hub import is_mirrored
 
 sys.path.insert(0, str(harness.REPO / "tests"))
 import test_hub  # noqa: E402
@@ -113,7 +113,7 @@ def test_pipeline_killed_anywhere_equals_an_uninterrupted_run(tmp_path, smollm2_
 
 WRITER = textwrap.dedent("""
     import sys
-    from sit_core.fileio import append_jsonl, atomic_write_json
+    from sit_core.store.fileio import append_jsonl, atomic_write_json
     target, log, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     print("ready", flush=True)
     while True:

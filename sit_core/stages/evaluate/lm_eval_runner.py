@@ -1,0 +1,167 @@
+"""lm-evaluation-harness for one model variant, one task at a time.
+
+We call lm-eval's Python API (`simple_evaluate`) with its HF wrapper (`HFLM`) and let it
+load adapters itself (`peft=`). Tasks are evaluated one by one against the same loaded
+model so that the stage can save after each (variant, task) pair and resume between them.
+
+Our offline tasks live in `tasks/` beside this file in lm-eval's YAML format and are found
+through `TaskManager(include_path=...)`, next to every task lm-eval ships.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sit_core.errors import SitError
+
+LOCAL_TASKS_DIR = Path(__file__).parent / "tasks"
+LOCAL_TASKS = ("sit_ifeval_local", "sit_mc_local")
+
+# The metric a task is ranked by. lm-eval reports several per task, and its JSON, once
+# saved with sorted keys, no longer tells which its task config listed first. Tasks not
+# named here use the first metric of PRIMARY_FALLBACK they report, else the first by name.
+PRIMARY_METRICS = {"ifeval": "prompt_level_strict_acc", "sit_ifeval_local": "prompt_level_strict_acc",
+                   "hellaswag": "acc_norm", "sit_mc_local": "acc", "mmlu": "acc", "truthfulqa_mc2": "acc"}
+PRIMARY_FALLBACK = ("acc", "exact_match", "prompt_level_strict_acc", "f1", "acc_norm")
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's task index plus ours. Building it scans ~15k YAML files (seconds), so once."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(LOCAL_TASKS_DIR))
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _offline_error(tasks: list[str], why: str) -> SitError:
+    return SitError(
+        f"benchmark(s) {', '.join(tasks)} download their data from the Hugging Face Hub, {why}",
+        f"go online (unset HF_HUB_OFFLINE), or use the local task set shipped with sit, which runs offline: "
+        f"evaluation.tasks={json.dumps(list(LOCAL_TASKS))}",
+    )
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Fail before any model loads: unknown names (with close matches), and hub tasks offline."""
+    tm = task_manager()
+    known = set(tm.all_tasks)
+    for name in tasks:
+        if name not in known:
+            close = difflib.get_close_matches(name, tm.all_tasks, n=5, cutoff=0.6)
+            raise SitError(
+                f"lm-eval does not know the task '{name}'"
+                + (f"; close matches: {', '.join(close)}" if close else ""),
+                "fix evaluation.tasks; `lm-eval ls tasks` lists every task, and the offline tasks shipped with sit are "
+                + ", ".join(LOCAL_TASKS),
+            )
+    hub_tasks = [t for t in tasks if t not in LOCAL_TASKS]
+    if hub_tasks and hub_offline():
+        raise _offline_error(hub_tasks, "and the Hub is switched off here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)")
+
+
+_NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout",
+                   "OfflineModeIsEnabled", "LocalEntryNotFoundError"}  # requests, httpx, huggingface_hub
+
+
+def _is_network_failure(exc: BaseException) -> bool:
+    """A download that failed for want of a network, anywhere in the exception chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in _NETWORK_ERRORS:
+            return True
+        text = str(seen)
+        if "Couldn't reach" in text or "offline mode" in text.lower() or "Failed to resolve" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _device_and_dtype() -> tuple[str, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "cpu", "float32"  # CPU half precision is emulated and many times slower
+
+
+def load_lm(model_path: str, adapter: Path | None, batch_size: int, trust_remote_code: bool = False):
+    """An HFLM for the base model, or for the base model with a PEFT adapter on top."""
+    from lm_eval.models.huggingface import HFLM
+
+    class SitHFLM(HFLM):
+        """HFLM that also scores prompt-tuned models correctly.
+
+        A prompt-tuning PeftModel prepends its virtual tokens inside forward(), so the
+        logits it returns are `num_virtual_tokens` positions longer than the input.
+        lm-eval picks continuation logits by input position, so we drop the virtual
+        positions to line them up again. LoRA models return logits as they are."""
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            virtual = _num_virtual_tokens(self.model)
+            return logits[:, virtual:, :] if virtual and logits.shape[1] == inps.shape[1] + virtual else logits
+
+    device, dtype = _device_and_dtype()
+    # Training saves its tokenizer beside the adapter; it may carry a chat template the base
+    # model lacks (a non-instruct target), and the adapter was trained with that template.
+    tokenizer = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else None
+    return SitHFLM(pretrained=model_path, peft=str(adapter) if adapter else None, tokenizer=tokenizer, device=device,
+                   dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
+
+
+def _num_virtual_tokens(model) -> int:
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return int(config.num_virtual_tokens)
+    return 0
+
+
+def evaluate_task(lm, task: str, *, limit: int | None, seed: int) -> dict:
+    """lm-eval's result JSON for one task, made JSON-safe (per-sample logs are left out)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable
+
+    tm = task_manager()
+    entry = tm.task_index.get(task)
+    generative = entry is not None and (entry.cfg or {}).get("output_type") == "generate_until"
+    # Instruction-following prompts go through the model's chat template when it has one,
+    # as a user would prompt it; log-likelihood benchmarks are scored on raw text as usual.
+    chat = generative and bool(getattr(lm.tokenizer, "chat_template", None))
+    try:
+        out = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=tm, log_samples=False,
+                              apply_chat_template=chat, random_seed=seed, numpy_random_seed=seed,
+                              torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+    except Exception as e:  # noqa: BLE001 - only a missing network is translated; the rest re-raises
+        if task not in LOCAL_TASKS and _is_network_failure(e):
+            raise _offline_error([task], "and the Hub cannot be reached from here") from None
+        raise
+    return json.loads(json.dumps(out, default=handle_non_serializable))
+
+
+def metric_rows(variant: str, result: dict) -> list[dict]:
+    """Tidy rows (variant, task, metric, value, primary) from one lm-eval result JSON.
+
+    lm-eval keys metrics as "name,filter" ("acc,none"); standard errors and aliases are left out."""
+    rows = []
+    for task, metrics in result.get("results", {}).items():
+        names = [k for k in metrics if "," in k and "_stderr" not in k and isinstance(metrics[k], (int, float))]
+        if not names:
+            continue
+        names.sort()
+        base = {k.split(",")[0]: k for k in names}
+        wanted = [PRIMARY_METRICS.get(task), *PRIMARY_FALLBACK]
+        primary = next((base[w] for w in wanted if w in base), names[0])
+        for key in names:
+            rows.append({"variant": variant, "task": task, "metric": key.split(",")[0],
+                         "value": float(metrics[key]), "primary": key == primary})
+    return rows

@@ -1,0 +1,141 @@
+"""The parent flow and the per-stage flows. Composition only: the work is in sit_core."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from prefect import Flow
+from prefect.logging import get_run_logger
+from prefect.states import Failed
+
+from sit_core.config import STAGE_ORDER, SitConfig
+from sit_core.console_events import timed_stage
+from sit_core.errors import SitError
+from sit_core.pipeline import prepare_run
+from sit_core.stages import graph_edges
+from sit_prefect.local_server import start_temporary_server
+from sit_prefect.stage_task import drop_stale_result, stage_task_for
+
+
+class SitFlow(Flow):
+    """A Prefect flow that, called from Python with no PREFECT_API_URL (`sit run`, a Colab
+    cell), first brings up Prefect's temporary server itself: a slow cold start is announced
+    and given time, and one that fails is a SitError, where Prefect alone dies after 20 s with
+    a bare timeout. A deployment's worker sets PREFECT_API_URL, so there it does nothing."""
+
+    def __call__(self, *args, **kwargs):
+        start_temporary_server()
+        return super().__call__(*args, **kwargs)
+
+
+def flow(**options):
+    """prefect.flow for sit's flows, making a SitFlow."""
+    return lambda fn: SitFlow(fn=fn, **options)
+
+
+def fails_cleanly(fn):
+    """A SitError (bad input, not enough data, a locked run directory) ends the flow run as
+    Failed with the problem and its fix as the message, without a traceback: the user acts on
+    the message, and the stack tells them nothing more. The caller of the flow still gets the
+    SitError raised. Any other exception keeps Prefect's full traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SitError as err:
+            return Failed(message=str(err), data=err)
+
+    return wrapper
+
+
+def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str], workers: int | None = None,
+                devices: list[str] | None = None) -> dict:
+    """Each stage's summary, with `cached: True` where Prefect served it from the run dir.
+
+    Stages run one at a time, in order (a GPU holds one model at a time), but each task waits
+    for the stages it reads from (`wait_for`), so the UI's run graph draws the pipeline's
+    declared shape. Each stage's start and finish (wall time around the task call, cache hit
+    or not) go to the console channel (sit_core/console_events.py) that `sit run` renders."""
+    results, futures = {}, {}
+    for stage in stages:
+        drop_stale_result(stage, cfg, run_dir)
+        with timed_stage(stage) as outcome:
+            future = stage_task_for(stage, run_dir).submit(
+                stage, cfg.model_dump(mode="json"), str(run_dir), workers, devices,
+                wait_for=[futures[s] for s in graph_edges(stage) if s in futures])
+            future.wait()
+            futures[stage] = future
+            results[stage] = {**future.state.result(), "cached": future.state.name == "Cached"}
+            outcome.update(status=results[stage].get("status"), cached=results[stage]["cached"])
+    return results
+
+
+def _pipeline(run_dir: str, config: dict | str | None, preset: str | None, profile: str | None,
+              overrides: list[str] | None, stages: list[str] | None, workers: int | None,
+              devices: list[str] | None) -> dict:
+    with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides, stages=stages) as run:
+        logger = get_run_logger()
+        logger.info("run %s: profile %s, stages %s", run.run_dir, run.cfg.profile, ", ".join(run.stages))
+        if run.pulled:
+            logger.info("pulled %d files from the hub mirror %s", len(run.pulled), run.cfg.hub_repo)
+        for stage, problems in run.damaged.items():
+            logger.warning("stage %s is damaged (%s); recomputing it from its last good checkpoint",
+                           stage, "; ".join(problems))
+        return _run_stages(run.cfg, run.run_dir, run.stages, workers, devices)
+
+
+@flow(name="synthetic_instruction_tuner")
+@fails_cleanly
+def synthetic_instruction_tuner(
+    run_dir: str = "runs/demo",
+    config: dict | str | None = None,
+    preset: str | None = None,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+    workers: int | None = None,
+    devices: list[str] | None = None,
+) -> dict:
+    """Run the pipeline's stages in order into `run_dir`, skipping what is already done.
+
+    `config` is a path to a config.json/YAML or a dict in the same format; with neither
+    config nor preset, the config recorded in run_dir is reused, else the demo preset.
+    `workers` (or `devices`, CUDA device ids, one worker each) shards Magpie generation and
+    the preference stage over worker processes; the output equals an unsharded run's.
+    """
+    return _pipeline(run_dir, config, preset, profile, overrides, stages, workers, devices)
+
+
+@flow(name="synthetic_instruction_tuner_sharded")
+@fails_cleanly
+def synthetic_instruction_tuner_sharded(
+    run_dir: str = "runs/demo",
+    config: dict | str | None = None,
+    preset: str | None = None,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+    workers: int = 2,
+    devices: list[str] | None = None,
+) -> dict:
+    """synthetic_instruction_tuner with its sharded stages on `workers` processes by default:
+    the flow that deployments made with `flows/sharded.py` run."""
+    return _pipeline(run_dir, config, preset, profile, overrides, stages, workers, devices)
+
+
+def _stage_flow(stage: str):
+    @flow(name=f"sit-{stage.replace('_', '-')}")
+    @fails_cleanly
+    def single_stage(run_dir: str, config: dict | str | None = None, preset: str | None = None,
+                     profile: str | None = None, overrides: list[str] | None = None) -> dict:
+        with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides,
+                         stages=[stage]) as run:
+            return _run_stages(run.cfg, run.run_dir, run.stages)[stage]
+
+    single_stage.__doc__ = f"Run only the '{stage}' stage (its inputs must exist in run_dir)."
+    return single_stage
+
+
+STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGE_ORDER}
