@@ -13,22 +13,12 @@ from rich.table import Table
 
 from sit_core.config import STAGE_ORDER, load_config
 from sit_core.errors import SitError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic Instruction Tuner: Magpie data, "
-                  "quality filter, preference pairs, LoRA / prompt tuning / DPO, evaluation - one resumable pipeline.")
-console = Console(stderr=True)
+from sit_cli.app import app, console, fail
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="config.json or YAML in the seed format")
 PresetOpt = typer.Option(None, "--preset", "-p", help="demo | colab-t4 | colab-a100")
 ProfileOpt = typer.Option(None, "--profile", help="auto | cpu | t4 | a100 | h100 (default: auto-detect)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a value: section.key=value (repeatable)")
-
-
-def _fail(err: SitError) -> None:
-    console.print(f"[bold red]error:[/] {err.problem}")
-    if err.fix:
-        console.print(f"[bold]fix:[/] {err.fix}")
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -76,7 +66,7 @@ def run(
     except SitError as err:
         if run_console is not None and run_console.stages:  # a stage ran: what it printed is in the log
             console.print(f"log: {run_console.log_path}", style="dim", markup=False)
-        _fail(err)
+        fail(err)
     _print_status(run_dir, run_console.stages)
     if any(summary.get("status") != "done" for summary in (result or {}).values()):
         raise typer.Exit(1)
@@ -110,7 +100,7 @@ def _print_status(run_dir: Path, ran: Optional[dict] = None) -> None:
 def status(run_dir: Path = typer.Argument(..., help="the run directory")) -> None:
     """Show each stage as done, partial (n of N) or pending."""
     if not run_dir.exists():
-        _fail(SitError(f"run directory {run_dir} does not exist", "check the path, or start it with `sit run --run-dir`"))
+        fail(SitError(f"run directory {run_dir} does not exist", "check the path, or start it with `sit run --run-dir`"))
     _print_status(run_dir)
 
 
@@ -125,7 +115,7 @@ def show_config(
     try:
         cfg = load_config(config, preset=preset, profile=profile, overrides=overrides)
     except SitError as err:
-        _fail(err)
+        fail(err)
     sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
 
 
@@ -144,7 +134,7 @@ def reset(run_dir: Path = typer.Argument(...), stage: str = typer.Argument(..., 
             raise typer.Exit(1)
         present = reset_run(run_dir, stage)
     except SitError as err:
-        _fail(err)
+        fail(err)
     console.print(f"reset: {', '.join(present) or 'nothing to delete'}")
 
 
@@ -160,13 +150,13 @@ def publish(run_dir: Path = typer.Option(..., "--run-dir", "-d"),
     try:
         urls = publish_run(run_dir, namespace, private=not public)
     except SitError as err:
-        _fail(err)
+        fail(err)
     for url in urls:
         console.print(url)
 
 
 # `sit server` and `sit deploy` (sit_cli/server.py) register themselves on `app`.
-from . import server  # noqa: E402,F401
+from sit_cli import server  # noqa: E402,F401
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import yaml
 from sit_core.errors import SitError
 from sit_prefect.local_server import DEFAULT_STARTUP_TIMEOUT_S, NOTICE_EVERY_S, check_prefect_home
 
-from .main import _fail, app, console
+from sit_cli.app import app, console, fail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
@@ -118,7 +118,7 @@ def server(host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 to list
         check_port_free(host, port)
         check_prefect_home()
     except SitError as err:
-        _fail(err)
+        fail(err)
     proc = start_server(host, port)
     # systemd stops the service with SIGTERM: pass it on so the server shuts down cleanly.
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())

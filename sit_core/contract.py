@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from sit_core.store.shard_plan import Shard
+
 if TYPE_CHECKING:
     from sit_core.config import SitConfig
     from sit_core.store.manifest import StageRun
 
-Shard = tuple[int, int]  # [start, end) item indices
+__all__ = ["Phase", "Read", "Shard", "Sharding", "Stage"]
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,13 @@ from typing import Iterator
 
 from pydantic import ValidationError
 
-from sit_core.config import BATCH_FIELDS, STAGE_ORDER, SitConfig, TrainingConfig, check_models, fit_batch, load_config
+from sit_core.config import BATCH_FIELDS, STAGE_ORDER, SitConfig, load_config
 from sit_core.errors import ConfigError, SitError
 from sit_core.driver import Progress, ShardRunner, mirror_for, run_stage
 from sit_core.stages import missing_inputs
 from sit_core.store.fileio import read_json
+from sit_core.engine.models import check_models
+from sit_core.training.batches import keep_effective_batches, names_a_batch
 from sit_core.training.distributed import LOCK_HOLDER_ENV
 from sit_core.store.rundir import (LOCK_NAME, RUN_RECORD, RunLock, check_run_record, check_unlocked, ensure_writable,
                                    load_run_record, record_run)
@@ -55,43 +57,11 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
         source["config"] = read_config_file(config)
     cfg = load_config(source["config"] if source["config"] is not None else None, preset=preset, profile=profile,
                       overrides=overrides)
-    if record.exists() and not _names_a_batch(source):
+    if record.exists() and not names_a_batch(source):
         cfg, notes = keep_effective_batches(cfg, load_run_record(run_dir).get("config") or {})
         for note in notes:
             log.info("%s", note)
     return cfg, source
-
-
-def _names_a_batch(source: dict) -> bool:
-    """Whether the user's own config or --set names a training batch or accumulation field."""
-    named = set((source.get("config") or {}).get("training") or {})
-    named |= {o.split("=", 1)[0].removeprefix("training.") for o in source.get("overrides") or []}
-    return any(f in named for fields in BATCH_FIELDS.values() for f in fields)
-
-
-def keep_effective_batches(cfg: SitConfig, recorded: dict) -> tuple[SitConfig, list[str]]:
-    """A run keeps the effective batch (batch x accumulation) its training methods started with,
-    on whatever hardware it continues: that batch is part of the training recipe (and of each
-    training stage's fingerprint), while the hardware profile only says how much fits in one
-    step. The new profile's per-device batch stays the upper bound; accumulation makes up the
-    rest. Returns the config to use and one note per method changed."""
-    try:
-        started = TrainingConfig.model_validate(recorded.get("training") or {})
-    except ValidationError:
-        return cfg, []  # a record from another version of sit: the stages' own checks decide
-    updates, notes = {}, []
-    for method, (size_field, accumulation_field) in BATCH_FIELDS.items():
-        (first_batch, first_accumulation), (batch, accumulation) = started.batch(method), cfg.training.batch(method)
-        effective = first_batch * first_accumulation
-        if batch * accumulation != effective:
-            batch, accumulation = fit_batch(effective, batch)
-            notes.append(f"{method}: batch {batch} x accumulation {accumulation}, keeping the effective batch "
-                         f"{effective} this run started with (profile {cfg.profile} alone would give another)")
-        # Every method's fields are set, so changing the shared accumulation moves no other method.
-        updates[size_field], updates[accumulation_field] = batch, accumulation
-    if not notes:
-        return cfg, []
-    return cfg.model_copy(update={"training": cfg.training.model_copy(update=updates)}), notes
 
 
 def check_run(run_dir: str | Path, config: dict | str | Path | None = None, *, preset: str | None = None,

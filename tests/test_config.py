@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sit_core.config import check_models, load_config
+from sit_core.config import load_config
+from sit_core.engine.models import check_models
 from sit_core.errors import ConfigError
 from sit_core.config.profiles import classify_gpu
 

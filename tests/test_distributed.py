@@ -17,7 +17,7 @@ from sit_core.driver import run_stage
 from sit_core.errors import SitError
 from sit_core.store.fileio import read_json
 from sit_core.store.rundir import RunLock, record_run
-from sit_core.training import common
+from sit_core.training import batches, common
 from sit_core.training import distributed
 from sit_core.stages import prompt_tuning
 from sit_core.stages import sft
@@ -28,12 +28,12 @@ REPO = Path(__file__).parents[1]
 
 
 def test_split_batch_keeps_the_effective_batch():
-    assert distributed.split_batch(12, 2, 4) == (6, 1)
-    assert distributed.split_batch(12, 2, 3) == (8, 1)
-    assert distributed.split_batch(4, 4, 2) == (4, 2)
-    assert distributed.split_batch(2, 1, 2) == (1, 1)
+    assert batches.split_batch(12, 2, 4) == (6, 1)
+    assert batches.split_batch(12, 2, 3) == (8, 1)
+    assert batches.split_batch(4, 4, 2) == (4, 2)
+    assert batches.split_batch(2, 1, 2) == (1, 1)
     with pytest.raises(SitError, match=r"does not split evenly.*num_processes=3") as e:
-        distributed.split_batch(2, 1, 3)
+        batches.split_batch(2, 1, 3)
     assert "one of [1, 2]" in e.value.fix
 
 

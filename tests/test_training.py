@@ -20,7 +20,7 @@ from sit_core.config import load_config
 from sit_core.errors import ResumeMismatchError, SitError
 from sit_core.store.fileio import append_jsonl, read_json
 from sit_core.driver import open_stage
-from sit_core.training import common
+from sit_core.training import batches, common
 from sit_core.stages import dpo
 from sit_core.stages import prompt_tuning
 from sit_core.stages import sft
@@ -110,11 +110,11 @@ def test_resume_against_different_config_is_refused(run_dir, smollm2_path, no_mo
 
 
 def test_backoff_keeps_effective_batch():
-    assert common.backoff(12, 2) == (6, 4)
-    assert common.backoff(6, 4) == (3, 8)
-    assert common.backoff(3, 8) == (1, 24)
-    assert common.backoff(8, 2) == (4, 4)
-    assert common.backoff(2, 1) == (1, 2)
+    assert batches.backoff(12, 2) == (6, 4)
+    assert batches.backoff(6, 4) == (3, 8)
+    assert batches.backoff(3, 8) == (1, 24)
+    assert batches.backoff(8, 2) == (4, 4)
+    assert batches.backoff(2, 1) == (1, 2)
 
 
 def test_split_is_deterministic_and_disjoint():

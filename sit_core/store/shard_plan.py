@@ -11,12 +11,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from sit_core.contract import Shard
 from sit_core.errors import SitError
 from sit_core.store.fileio import atomic_write_json, read_json
 
 SHARDS_DIR = "shards"
 PLAN = "plan.json"
+
+Shard = tuple[int, int]  # [start, end) item indices
 
 
 def log_path(directory: Path, shard: Shard) -> Path:

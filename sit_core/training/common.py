@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sit_core.config import SitConfig, fit_batch
+from sit_core.config import SitConfig
 from sit_core.contract import Read, Stage
 from sit_core.errors import SitError
 from sit_core.store.fileio import atomic_write_json, iter_files, read_json, read_jsonl
 from sit_core.store.manifest import StageRun, rel
 from sit_core.engine.models import pick_device, resolve_model_path, torch_dtype
 from sit_core.training import distributed
+from sit_core.training.batches import backoff, effective_batch, split_batch
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -339,17 +340,6 @@ class Method:
     describe: dict = field(default_factory=dict)
 
 
-def effective_batch(batch: int, grad_accum: int) -> int:
-    return batch * grad_accum
-
-
-def backoff(batch: int, grad_accum: int) -> tuple[int, int]:
-    """Halve the per-device batch and raise gradient accumulation so the effective batch
-    stays the same: the largest divisor of the effective batch at most half the batch
-    (12x2 -> 6x4 -> 3x8 -> 1x24; 8x2 -> 4x4 -> 2x8 -> 1x16)."""
-    return fit_batch(effective_batch(batch, grad_accum), batch // 2)
-
-
 def fingerprint(cfg: SitConfig, fields: list[str], batch: int, grad_accum: int) -> dict:
     """Result-affecting settings of one method. Batch size and accumulation are perf fields
     one by one, but their product (the effective batch) changes the optimisation, so it is
@@ -463,7 +453,7 @@ def _current_batch(run: StageRun, method: Method, processes: int) -> tuple[int, 
              if e["event"] == "oom_backoff" and e.get("processes", 1) == processes]
     if downs:
         return downs[-1]["to_batch_size"], downs[-1]["to_gradient_accumulation_steps"]
-    return distributed.split_batch(method.batch_size, method.grad_accum, processes)
+    return split_batch(method.batch_size, method.grad_accum, processes)
 
 
 def _dataset(rows: list[dict]):

@@ -39,10 +39,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from sit_core.config import SitConfig, fit_batch
+from sit_core.config import SitConfig
 from sit_core.errors import SitError
 from sit_core.store.fileio import atomic_write_json, read_json
 from sit_core.store.manifest import StageRun, read_manifest
+from sit_core.training.batches import split_batch
 
 OOM_MARKER = "oom.json"
 # Set by launch() for its ranks: the pid that holds the run lock on their behalf.
@@ -55,20 +56,6 @@ log = logging.getLogger("sit.training")
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) outside a distributed launch."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def split_batch(batch: int, grad_accum: int, processes: int) -> tuple[int, int]:
-    """Per-process (batch, accumulation) whose product times `processes` is the effective batch:
-    the largest per-device batch not above `batch`."""
-    effective = batch * grad_accum
-    if effective % processes:
-        divisors = [d for d in range(1, effective + 1) if effective % d == 0]
-        raise SitError(
-            f"the effective batch {effective} ({batch} per device x {grad_accum} accumulation) does not split "
-            f"evenly over training.num_processes={processes}",
-            f"set training.num_processes to one of {divisors} (the effective batch is part of the run's "
-            "configuration; changing it would change the results)")
-    return fit_batch(effective // processes, batch)
 
 
 def start(cpu: bool):
@@ -128,7 +115,7 @@ def check_processes(cfg: SitConfig, stages: list[str]) -> None:
 def launch(cfg: SitConfig, parent: StageRun) -> dict:
     """Train the stage on cfg.training.num_processes ranks; returns its finished manifest. The
     ranks write the manifest (rank 0 reopens it); this process only relays their progress."""
-    from sit_core.training.common import backoff
+    from sit_core.training.batches import backoff
 
     run_dir, stage = parent.run_dir, parent.stage
 

@@ -3,20 +3,13 @@ pre-query part of its chat template (magpie.py), in one process or in shards (sh
 
 from __future__ import annotations
 
-from sit_core.config import SitConfig
 from sit_core.contract import Phase, Sharding, Stage
 from sit_core.stages.generate import magpie, shards
-
-
-def fingerprint(cfg: SitConfig) -> dict:
-    return {"generation": cfg.fingerprint("generation"), "generator": cfg.models.generator,
-            "generator_4bit": cfg.models.generator_4bit, "seed": cfg.seed}
-
 
 STAGE = Stage(
     name=magpie.NAME,
     writes={"records": magpie.OUTPUT, "attempts": magpie.ATTEMPTS, "stats": magpie.STATS},
-    fingerprint=fingerprint,
+    fingerprint=magpie.fingerprint,
     work=magpie.run,
     sharding=Sharding(
         phases=(Phase("attempts", pending=shards.pending_shards, work=shards.generate_shard, waves=True),),

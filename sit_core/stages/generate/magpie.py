@@ -32,6 +32,11 @@ OUTPUT = "generated.jsonl"
 STATS = "stats.json"
 
 
+def fingerprint(cfg: SitConfig) -> dict:
+    return {"generation": cfg.fingerprint("generation"), "generator": cfg.models.generator,
+            "generator_4bit": cfg.models.generator_4bit, "seed": cfg.seed}
+
+
 def _normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 

@@ -36,13 +36,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sit_core.stages import preference
-
-from sit_core.stages.generate import shards
 from sit_core.config import SitConfig
+from sit_core.contract import Shard
+from sit_core.stages.preference import build as preference
+from sit_core.store import shard_plan as shards
 from sit_core.store.fileio import atomic_write_text, jsonl_text, read_jsonl
 from sit_core.store.manifest import StageRun, stage_dir
-from sit_core.stages.generate.shards import Shard
 
 RESPONSES_DIR = "responses"
 SCORES_DIR = "scores"

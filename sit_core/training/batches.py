@@ -1,0 +1,79 @@
+"""Batch arithmetic of the training stages, in one place.
+
+A training method's effective batch (per-device batch x gradient accumulation x processes) is
+part of its recipe and of its fingerprint; the per-device batch is only what fits on the
+hardware. So whenever the per-device batch has to change, these keep the effective batch:
+an OOM step-down, a split over DDP ranks, a run that moves to hardware of another profile.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from sit_core.config import BATCH_FIELDS, SitConfig, TrainingConfig
+from sit_core.errors import SitError
+
+
+def fit_batch(effective: int, max_per_device: int) -> tuple[int, int]:
+    """(per-device batch, accumulation) making up `effective`: the largest per-device batch not
+    above `max_per_device` that divides it. Used wherever the effective batch must hold while the
+    per-device batch changes: an OOM step-down, a DDP split, a run moving to other hardware."""
+    per_device = max(d for d in range(1, max(1, max_per_device) + 1) if effective % d == 0)
+    return per_device, effective // per_device
+
+
+def effective_batch(batch: int, grad_accum: int) -> int:
+    return batch * grad_accum
+
+
+def backoff(batch: int, grad_accum: int) -> tuple[int, int]:
+    """Halve the per-device batch and raise gradient accumulation so the effective batch
+    stays the same: the largest divisor of the effective batch at most half the batch
+    (12x2 -> 6x4 -> 3x8 -> 1x24; 8x2 -> 4x4 -> 2x8 -> 1x16)."""
+    return fit_batch(effective_batch(batch, grad_accum), batch // 2)
+
+
+def split_batch(batch: int, grad_accum: int, processes: int) -> tuple[int, int]:
+    """Per-process (batch, accumulation) whose product times `processes` is the effective batch:
+    the largest per-device batch not above `batch`."""
+    effective = batch * grad_accum
+    if effective % processes:
+        divisors = [d for d in range(1, effective + 1) if effective % d == 0]
+        raise SitError(
+            f"the effective batch {effective} ({batch} per device x {grad_accum} accumulation) does not split "
+            f"evenly over training.num_processes={processes}",
+            f"set training.num_processes to one of {divisors} (the effective batch is part of the run's "
+            "configuration; changing it would change the results)")
+    return fit_batch(effective // processes, batch)
+
+
+def names_a_batch(source: dict) -> bool:
+    """Whether the user's own config or --set names a training batch or accumulation field."""
+    named = set((source.get("config") or {}).get("training") or {})
+    named |= {o.split("=", 1)[0].removeprefix("training.") for o in source.get("overrides") or []}
+    return any(f in named for fields in BATCH_FIELDS.values() for f in fields)
+
+
+def keep_effective_batches(cfg: SitConfig, recorded: dict) -> tuple[SitConfig, list[str]]:
+    """A run keeps the effective batch (batch x accumulation) its training methods started with,
+    on whatever hardware it continues: that batch is part of the training recipe (and of each
+    training stage's fingerprint), while the hardware profile only says how much fits in one
+    step. The new profile's per-device batch stays the upper bound; accumulation makes up the
+    rest. Returns the config to use and one note per method changed."""
+    try:
+        started = TrainingConfig.model_validate(recorded.get("training") or {})
+    except ValidationError:
+        return cfg, []  # a record from another version of sit: the stages' own checks decide
+    updates, notes = {}, []
+    for method, (size_field, accumulation_field) in BATCH_FIELDS.items():
+        (first_batch, first_accumulation), (batch, accumulation) = started.batch(method), cfg.training.batch(method)
+        effective = first_batch * first_accumulation
+        if batch * accumulation != effective:
+            batch, accumulation = fit_batch(effective, batch)
+            notes.append(f"{method}: batch {batch} x accumulation {accumulation}, keeping the effective batch "
+                         f"{effective} this run started with (profile {cfg.profile} alone would give another)")
+        # Every method's fields are set, so changing the shared accumulation moves no other method.
+        updates[size_field], updates[accumulation_field] = batch, accumulation
+    if not notes:
+        return cfg, []
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update=updates)}), notes
