@@ -99,13 +99,15 @@ def _run(cfg: SitConfig, run_dir: Path, name: str, progress: Progress, runner: S
 
 
 def _run_sharded(cfg: SitConfig, run: StageRun, sharding: Sharding, runner: ShardRunner) -> dict:
+    """Phase by phase, wave by wave: each finished shard is filed in the manifest and counted in
+    its progress, which syncs the hub mirror, so a lost machine loses only unfinished shards."""
     for phase in sharding.phases:
         while wave := phase.pending(cfg, run.run_dir, runner.size):
             params = phase.params(cfg, run) if phase.params else {}
             for summary in runner.run_wave(phase, cfg, run.run_dir, wave, params):
                 if phase.record:
                     phase.record(run, summary)
-            run.progress(*sharding.progress(cfg, run.run_dir))
+                run.progress(*sharding.progress(cfg, run.run_dir))
             if not phase.waves:
                 break
         if phase.after:

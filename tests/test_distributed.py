@@ -140,7 +140,7 @@ def test_raw_accelerate_command_takes_the_run_lock(run_dir, smollm2_path):
                               "config_path": None})
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "sit_core.training.distributed", str(run_dir), "sft"]
+               "--dynamo_backend", "no", "-m", "sit_core.pipeline", str(run_dir), "sft"]
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sit_core.store.rundir import RunLock\n"
                                "with RunLock(sys.argv[1]): print('held', flush=True); time.sleep(600)", str(run_dir)],

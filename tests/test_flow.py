@@ -92,3 +92,28 @@ def test_a_stage_error_in_a_flow_is_the_problem_and_fix_without_a_traceback(tmp_
     # lines are in the run's log file, not on the terminal: sit_cli/console.py).
     log = next((run_dir / "logs").glob("sit-run-*.log")).read_text()
     assert re.search(r"Flow run .* Finished in state Failed\(['\"]only 0 of 3 records", log), log[-3000:]
+
+
+RUN_FLOW_GRAPH = textwrap.dedent("""
+    import json, sys
+    from prefect import get_client
+    from sit_prefect.flows import synthetic_instruction_tuner
+    synthetic_instruction_tuner(run_dir=sys.argv[1], stages=["generate", "filter", "preference"])
+    with get_client(sync_client=True) as client:  # what the UI's run graph draws its arrows from
+        runs = client.read_task_runs()
+        names = {r.id: r.name for r in runs}
+        graph = {r.name: sorted(names[i.id] for i in r.task_inputs.get("wait_for", [])) for r in runs}
+    print("RESULT " + json.dumps(graph))
+""")
+
+
+def test_the_ui_run_graph_is_the_declared_graph(tmp_path):
+    """Each stage's task run waits for the stages it reads from, and only those, so the UI draws
+    generate -> filter -> preference. A finished run directory from an older release serves
+    every stage without a model."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "previous_run", run_dir)
+    graph = run_flow_script(RUN_FLOW_GRAPH, run_dir, tmp_path / "home", [])
+    assert graph == {"generate": [], "filter": ["generate"], "preference": ["filter"]}

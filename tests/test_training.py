@@ -158,7 +158,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     from transformers import TrainerCallback
     from sit_core.config import load_config
-    from sit_core.stages import sft
+    from sit_core.driver import run_stage
 
     run_dir, marker, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 

@@ -1,4 +1,3 @@
-"""Training stages: LoRA SFT (`sft`), prompt tuning (`prompt_tuning`) and DPO (`dpo`).
-
-Each is a stage module (see sit_core/stages/__init__.py); `common` holds the driver they share.
-"""
+"""What the training stages (sit_core/stages/sft.py, prompt_tuning.py, dpo.py) share: the
+Trainer loop with resume and OOM step-down (`common`), data-parallel launch (`distributed`) and
+batch arithmetic (`batches`)."""

@@ -331,3 +331,53 @@ def test_fresh_vm_resumes_mid_stage_from_the_hub_and_equals_an_uninterrupted_run
     assert any(e["event"] == "resumed" for e in manifest["events"])  # continued, not started over
     for name in ("generate/generated.jsonl", "filter/kept.jsonl"):
         assert (second_vm / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+SHARDED_CHILD = textwrap.dedent("""
+    import sys
+    from sit_prefect.flows import synthetic_instruction_tuner
+    result = synthetic_instruction_tuner(run_dir=sys.argv[1], preset="demo", profile="cpu", overrides=sys.argv[2:],
+                                         stages=["generate"], workers=2)
+    sys.exit(0 if result["generate"]["status"] == "done" else 1)
+""")
+
+
+def test_sharded_run_killed_resumes_on_an_empty_machine_from_the_hub_alone(tmp_path, smollm2_path, monkeypatch):
+    """`sit run --workers 2 --hub-repo ...`: each finished shard is synced to the mirror while the
+    stage runs; the VM dies; a new VM with an empty disk pulls the mirror, generates only the
+    shards that never reached it, and writes what one uninterrupted process writes."""
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-c", FRESH_VM_CHILD, str(reference), *FRESH_VM_OVERRIDES], cwd=harness.REPO,
+                   env=harness.session_env(tmp_path / "prefect-ref"), check=True, capture_output=True,
+                   timeout=HANG_GUARD_S)
+
+    fake = FakeHub()
+    server = _HubServer(fake)
+    monkeypatch.setattr(test_hub, "ENDPOINT", server.url)
+    env = {**harness.session_env(tmp_path / "prefect-vm1"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": server.url,
+           "HF_TOKEN": FAKE_TOKEN}
+    overrides = [*FRESH_VM_OVERRIDES, "checkpoint_interval=1", "hub_repo=alice/sit-sharded"]
+    first_vm = tmp_path / "vm1" / "run"
+    try:
+        # Commit 1 is run.json, commit 2 the sync after the first finished shard; holding
+        # commit 3 stops the first VM with the other shard not on the mirror.
+        kill_at_held_commit(server, 3, [sys.executable, "-c", SHARDED_CHILD, str(first_vm), *overrides], env)
+        synced = fake.files("alice/sit-sharded")
+        assert any(f.startswith("generate/shards/") and f.endswith(".jsonl") for f in synced), sorted(synced)
+        assert "generate/generated.jsonl" not in synced  # mid-stage
+
+        shutil.rmtree(tmp_path / "vm1")  # the VM and its disk are gone
+        second_vm = tmp_path / "vm2" / "run"
+        env["PREFECT_HOME"] = str(tmp_path / "prefect-vm2")
+        resumed = subprocess.run([sys.executable, "-c", SHARDED_CHILD, str(second_vm), *overrides],
+                                 cwd=harness.REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+        remote = fake.files("alice/sit-sharded")
+    finally:
+        server.close()
+
+    manifest = json.loads((second_vm / "generate" / "manifest.json").read_text())
+    assert any(e["event"] == "resumed" for e in manifest["events"])  # continued from the mirror's manifest
+    assert "generate/generated.jsonl" in remote  # the end of the stage reached the mirror
+    for name in ("generate/generated.jsonl", "generate/attempts.jsonl"):
+        assert (second_vm / name).read_bytes() == (reference / name).read_bytes(), name
