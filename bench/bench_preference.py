@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # sampling ~20x slower and the ratios meaningless.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from sit_core.driver import run_stage
+from sit_core.driver import run_stage  # noqa: E402
 from sit_core.stages.preference import build as preference  # noqa: E402
 from sit_core.config import load_config  # noqa: E402
 from sit_core.store.fileio import read_jsonl  # noqa: E402
