@@ -224,9 +224,7 @@ class SitConfig(_Section):
     profile: Literal["cpu", "t4", "a100", "h100"] = "cpu"
     checkpoint_interval: int = Field(100, ge=1, json_schema_extra=PERF)
     hub_repo: str | None = Field(None, description="user/name of a private Hub repo that mirrors the run directory")
-    stages: list[str] = Field(
-        default_factory=lambda: ["generate", "filter", "preference", "sft", "prompt_tuning", "dpo", "evaluate", "report"]
-    )
+    stages: list[str] = Field(default_factory=lambda: list(STAGE_ORDER))
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
@@ -260,6 +258,8 @@ class SitConfig(_Section):
                 for k, v in data.items() if not _is_perf(type(self), k)}
 
 
+# The stage registry, in pipeline order: each name is a module or package sit_core/stages/<name>
+# declaring its STAGE (sit_core/contract.py). A stage comes after every stage it reads from.
 STAGE_ORDER = ("generate", "filter", "preference", "sft", "prompt_tuning", "dpo", "evaluate", "report")
 
 

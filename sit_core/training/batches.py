@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from sit_core.config import BATCH_FIELDS, SitConfig, TrainingConfig
 from sit_core.errors import SitError
+from sit_core.store.manifest import StageRun
 
 
 def fit_batch(effective: int, max_per_device: int) -> tuple[int, int]:
@@ -31,6 +32,19 @@ def backoff(batch: int, grad_accum: int) -> tuple[int, int]:
     stays the same: the largest divisor of the effective batch at most half the batch
     (12x2 -> 6x4 -> 3x8 -> 1x24; 8x2 -> 4x4 -> 2x8 -> 1x16)."""
     return fit_batch(effective_batch(batch, grad_accum), batch // 2)
+
+
+def step_down(run: StageRun, batch: int, grad_accum: int, processes: int) -> tuple[int, int]:
+    """The batch after an out-of-memory error at (batch, grad_accum) per process, recorded in the
+    manifest (a restart resumes at it); a SitError naming the fixes when batch 1 already failed."""
+    if batch == 1:
+        raise SitError(f"stage '{run.stage}' ran out of GPU memory even at per-device batch 1",
+                       "set training.gradient_checkpointing=true, training.qlora=true, or a smaller "
+                       "training.max_seq_length")
+    new_batch, new_accum = backoff(batch, grad_accum)
+    run.event("oom_backoff", from_batch_size=batch, to_batch_size=new_batch, from_gradient_accumulation_steps=grad_accum,
+              to_gradient_accumulation_steps=new_accum, processes=processes)
+    return new_batch, new_accum
 
 
 def split_batch(batch: int, grad_accum: int, processes: int) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from sit_core.store.fileio import atomic_write_json, iter_files, read_json, read
 from sit_core.store.manifest import StageRun, rel
 from sit_core.engine.models import pick_device, resolve_model_path, torch_dtype
 from sit_core.training import distributed
-from sit_core.training.batches import backoff, effective_batch, split_batch
+from sit_core.training.batches import effective_batch, split_batch, step_down
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -426,16 +426,7 @@ def train_stage(cfg: SitConfig, run: StageRun, method_factory: Callable[[SitConf
                 # relaunch every rank at the smaller batch.
                 distributed.report_oom(run.dir, batch, grad_accum)
                 raise
-            if batch == 1:
-                raise SitError(
-                    f"stage '{method.stage}' ran out of GPU memory even at per-device batch 1",
-                    "set training.gradient_checkpointing=true, training.qlora=true, or a smaller "
-                    "training.max_seq_length") from None
-            new_batch, new_accum = backoff(batch, grad_accum)
-            run.event("oom_backoff", from_batch_size=batch, to_batch_size=new_batch,
-                      from_gradient_accumulation_steps=grad_accum, to_gradient_accumulation_steps=new_accum,
-                      processes=1)
-            batch, grad_accum = new_batch, new_accum
+            batch, grad_accum = step_down(run, batch, grad_accum, processes=1)
             del trainer
             gc.collect()
             if torch.cuda.is_available():

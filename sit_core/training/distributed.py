@@ -43,7 +43,7 @@ from sit_core.config import SitConfig
 from sit_core.errors import SitError
 from sit_core.store.fileio import atomic_write_json, read_json
 from sit_core.store.manifest import StageRun, read_manifest
-from sit_core.training.batches import split_batch
+from sit_core.training.batches import split_batch, step_down
 
 OOM_MARKER = "oom.json"
 # Set by launch() for its ranks: the pid that holds the run lock on their behalf.
@@ -115,8 +115,6 @@ def check_processes(cfg: SitConfig, stages: list[str]) -> None:
 def launch(cfg: SitConfig, parent: StageRun) -> dict:
     """Train the stage on cfg.training.num_processes ranks; returns its finished manifest. The
     ranks write the manifest (rank 0 reopens it); this process only relays their progress."""
-    from sit_core.training.batches import backoff
-
     run_dir, stage = parent.run_dir, parent.stage
 
     processes = cfg.training.num_processes
@@ -140,15 +138,8 @@ def launch(cfg: SitConfig, parent: StageRun) -> dict:
                     "checkpoint. To train in one process, set training.num_processes=1")
             oom = read_json(marker)
             marker.unlink()
-            if oom["batch_size"] == 1:
-                raise SitError(f"stage '{stage}' ran out of GPU memory even at per-device batch 1",
-                               "set training.gradient_checkpointing=true, training.qlora=true, or a smaller "
-                               "training.max_seq_length")
-            new_batch, new_accum = backoff(oom["batch_size"], oom["gradient_accumulation_steps"])
-            run = StageRun(Path(run_dir), stage, read_manifest(run_dir, stage))
-            run.event("oom_backoff", from_batch_size=oom["batch_size"], to_batch_size=new_batch,
-                      from_gradient_accumulation_steps=oom["gradient_accumulation_steps"],
-                      to_gradient_accumulation_steps=new_accum, processes=processes)
+            step_down(StageRun(Path(run_dir), stage, read_manifest(run_dir, stage)), oom["batch_size"],
+                      oom["gradient_accumulation_steps"], processes)
     finally:
         config_path.unlink(missing_ok=True)
     manifest = read_manifest(run_dir, stage)
