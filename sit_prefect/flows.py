@@ -108,21 +108,9 @@ def synthetic_instruction_tuner(
     return _pipeline(run_dir, config, preset, profile, overrides, stages, workers, devices)
 
 
-@flow(name="synthetic_instruction_tuner_sharded")
-@fails_cleanly
-def synthetic_instruction_tuner_sharded(
-    run_dir: str = "runs/demo",
-    config: dict | str | None = None,
-    preset: str | None = None,
-    profile: str | None = None,
-    overrides: list[str] | None = None,
-    stages: list[str] | None = None,
-    workers: int = 2,
-    devices: list[str] | None = None,
-) -> dict:
-    """synthetic_instruction_tuner with its sharded stages on `workers` processes by default:
-    the flow that deployments made with `flows/sharded.py` run."""
-    return _pipeline(run_dir, config, preset, profile, overrides, stages, workers, devices)
+# The flow that deployments made with earlier releases' `flows/sharded.py` entrypoint run: the
+# same pipeline, sharded where its parameters name workers or devices.
+synthetic_instruction_tuner_sharded = flow(name="synthetic_instruction_tuner_sharded")(synthetic_instruction_tuner.fn)
 
 
 def _stage_flow(stage: str):
