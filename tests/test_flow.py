@@ -95,12 +95,15 @@ def test_a_stage_error_in_a_flow_is_the_problem_and_fix_without_a_traceback(tmp_
 
 
 RUN_FLOW_GRAPH = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from prefect import get_client
     from sit_prefect.flows import synthetic_instruction_tuner
     synthetic_instruction_tuner(run_dir=sys.argv[1], stages=["generate", "filter", "preference"])
     with get_client(sync_client=True) as client:  # what the UI's run graph draws its arrows from
-        runs = client.read_task_runs()
+        # Task runs reach the server as events, recorded shortly after the flow returns.
+        deadline = time.monotonic() + 120
+        while len(runs := client.read_task_runs()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
         names = {r.id: r.name for r in runs}
         graph = {r.name: sorted(names[i.id] for i in r.task_inputs.get("wait_for", [])) for r in runs}
     print("RESULT " + json.dumps(graph))
@@ -113,7 +116,13 @@ def test_the_ui_run_graph_is_the_declared_graph(tmp_path):
     every stage without a model."""
     import shutil
 
+    from sit_cli.server import background_server
+
     run_dir = tmp_path / "run"
     shutil.copytree(Path(__file__).parent / "fixtures" / "previous_run", run_dir)
-    graph = run_flow_script(RUN_FLOW_GRAPH, run_dir, tmp_path / "home", [])
+    with background_server(tmp_path / "home") as (_, env):  # the server `sit server` runs, as the UI reads it
+        proc = subprocess.run([sys.executable, "-c", RUN_FLOW_GRAPH, str(run_dir)], env=env, capture_output=True,
+                              text=True, timeout=HANG_GUARD_S, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    graph = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
     assert graph == {"generate": [], "filter": ["generate"], "preference": ["filter"]}

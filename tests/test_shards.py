@@ -186,24 +186,24 @@ def test_a_stall_in_a_shard_is_recorded_by_the_parent_and_that_shard_falls_back(
     assert keys == [r["key"] for r in read_jsonl(pref_one_process / "preference" / "responses.jsonl")]
 
 
-@pytest.mark.parametrize("flags, flow, extra", [
-    (["--devices", "0,1"], "sharded", {"workers": 1, "devices": ["0", "1"]}),
-    (["--workers", "2"], "sharded", {"workers": 2, "devices": None}),
-    ([], "plain", {}),
+@pytest.mark.parametrize("flags, runner", [
+    (["--devices", "0,1"], {"workers": None, "devices": ["0", "1"]}),
+    (["--workers", "2"], {"workers": 2, "devices": None}),
+    ([], {"workers": None, "devices": None}),
 ])
-def test_sit_run_picks_the_sharded_flow_for_workers_or_devices(tmp_path, monkeypatch, flags, flow, extra):
+def test_sit_run_gives_the_flow_its_workers_or_devices(tmp_path, monkeypatch, flags, runner):
+    """Sharding is a choice of runner, not another flow: `sit run` hands the one parent flow
+    the workers or devices its stages shard over."""
     import sit_prefect.flows
-    import sit_prefect.sharded
     from typer.testing import CliRunner
 
     from sit_cli.main import app
 
-    calls = {}
-    monkeypatch.setattr(sit_prefect.sharded, "synthetic_instruction_tuner_sharded", lambda **kw: calls.update(sharded=kw))
-    monkeypatch.setattr(sit_prefect.flows, "synthetic_instruction_tuner", lambda **kw: calls.update(plain=kw))
+    calls = []
+    monkeypatch.setattr(sit_prefect.flows, "synthetic_instruction_tuner", lambda **kw: calls.append(kw))
     result = CliRunner().invoke(app, ["run", "--run-dir", str(tmp_path / "run"), "--preset", "demo", "--profile", "cpu",
                                       "--stages", "generate", *flags])
     assert result.exit_code == 0, result.output
-    assert list(calls) == [flow]
-    assert calls[flow]["stages"] == ["generate"] and calls[flow]["preset"] == "demo"
-    assert {k: calls[flow][k] for k in extra} == extra
+    assert len(calls) == 1
+    assert calls[0]["stages"] == ["generate"] and calls[0]["preset"] == "demo"
+    assert {k: calls[0][k] for k in runner} == runner
