@@ -19,7 +19,6 @@ key and the Prefect server never load them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from sit_core.store.shard_plan import Shard
@@ -90,9 +89,6 @@ class Stage:
     # Opening a stage, where a stage must do more than the driver's open (the preference stage
     # keeps its logs when only its pair-selection settings changed).
     open: Callable[..., StageRun] | None = None
-
-    def output(self, run_dir: Path, name: str) -> Path:
-        return Path(run_dir) / self.name / self.writes[name]
 
     @property
     def upstream(self) -> tuple[str, ...]:

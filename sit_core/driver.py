@@ -84,10 +84,11 @@ def _run(cfg: SitConfig, run_dir: Path, name: str, progress: Progress, runner: S
     run = stage.open(cfg, run_dir, open_stage) if stage.open else open_stage(cfg, run_dir, name)
     if progress is not None:
         run.listeners.append(progress)
-    mirror = mirror_for(cfg, run_dir)
-    if mirror is not None:
-        from sit_core.store.hub import SyncThrottle
+    mirror = None
+    if cfg.hub_repo:
+        from sit_core.store.hub import HubMirror, SyncThrottle
 
+        mirror = HubMirror(cfg.hub_repo, run_dir)
         run.listeners.append(SyncThrottle(mirror, name, cfg.checkpoint_interval))
     if runner is not None and stage.sharding is not None:
         manifest = _run_sharded(cfg, run, stage.sharding, runner)
@@ -113,14 +114,6 @@ def _run_sharded(cfg: SitConfig, run: StageRun, sharding: Sharding, runner: Shar
         if phase.after:
             phase.after(cfg, run)
     return sharding.finish(cfg, run)
-
-
-def mirror_for(cfg: SitConfig, run_dir: Path):
-    if not cfg.hub_repo:
-        return None
-    from sit_core.store.hub import HubMirror
-
-    return HubMirror(cfg.hub_repo, run_dir)
 
 
 class SerialRunner:

@@ -15,15 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import ValidationError
-
 from sit_core.config import BATCH_FIELDS, STAGE_ORDER, SitConfig, load_config
 from sit_core.errors import ConfigError, SitError
-from sit_core.driver import Progress, ShardRunner, mirror_for, run_stage
-from sit_core.stages import missing_inputs
+from sit_core.driver import Progress, ShardRunner, run_stage
+from sit_core.stages import check_upstream
 from sit_core.store.fileio import read_json
 from sit_core.engine.models import check_models
-from sit_core.training.batches import keep_effective_batches, names_a_batch
+from sit_core.config.batches import check_processes, keep_effective_batches, names_a_batch
 from sit_core.training.distributed import LOCK_HOLDER_ENV
 from sit_core.store.rundir import (LOCK_NAME, RUN_RECORD, RunLock, check_run_record, check_unlocked, ensure_writable,
                                    load_run_record, record_run)
@@ -44,9 +42,9 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
                    overrides: list[str] | None) -> tuple[SitConfig, dict]:
     """The config for this run, and the source it was built from (recorded in run.json so a
     later `sit run --run-dir D` continues with the same settings, re-detecting the hardware)."""
-    record = Path(run_dir) / RUN_RECORD
-    if config is None and preset is None and record.exists():
-        source = load_run_record(run_dir).get("source") or {}
+    record = load_run_record(run_dir) if (Path(run_dir) / RUN_RECORD).exists() else None
+    if config is None and preset is None and record is not None:
+        source = record.get("source") or {}
         config, preset = source.get("config"), source.get("preset")
         overrides = list(source.get("overrides") or []) + list(overrides or [])
     source = {"config": config if isinstance(config, dict) else None, "preset": preset,
@@ -57,8 +55,8 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
         source["config"] = read_config_file(config)
     cfg = load_config(source["config"] if source["config"] is not None else None, preset=preset, profile=profile,
                       overrides=overrides)
-    if record.exists() and not names_a_batch(source):
-        cfg, notes = keep_effective_batches(cfg, load_run_record(run_dir).get("config") or {})
+    if record is not None and not names_a_batch(source):
+        cfg, notes = keep_effective_batches(cfg, record.get("config") or {})
         for note in notes:
             log.info("%s", note)
     return cfg, source
@@ -71,41 +69,22 @@ def check_run(run_dir: str | Path, config: dict | str | Path | None = None, *, p
     config and its stages, the models, no live holder of the run directory, and a config
     that matches run.json. `sit run` calls it before starting Prefect, so a mistake is one
     clear error, not a failed flow run. Returns (run_dir, cfg, source, stages to run)."""
-    path = ensure_writable(Path(run_dir))
-    cfg, source = resolve_config(path, config, preset, profile, overrides)
+    run_dir = Path(run_dir)
+    cfg, source = resolve_config(run_dir, config, preset, profile, overrides)
     wanted = stages or cfg.stages
     unknown = [s for s in wanted if s not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"unknown stage(s): {', '.join(unknown)}", f"stages are: {', '.join(STAGE_ORDER)}")
     todo = [s for s in STAGE_ORDER if s in wanted]
-    check_models(cfg, todo)
+    # Settings no run could use first, then what this run directory lacks, then its lock.
     if cfg.training.num_processes > 1:
-        from sit_core.training.distributed import check_processes
-
         check_processes(cfg, [s for s in todo if s in BATCH_FIELDS])  # the training stages
-    check_upstream(cfg, path, todo)
-    check_unlocked(path)
-    check_run_record(path, cfg)
-    return path, cfg, source, todo
-
-
-def check_upstream(cfg: SitConfig, run_dir: Path, todo: list[str]) -> None:
-    """Each stage's inputs exist already or come from a stage that runs before it in this run."""
-    for stage in todo:
-        absent = {s: f for s, f in missing_inputs(cfg, run_dir, stage).items() if s not in todo[:todo.index(stage)]}
-        if not absent:
-            continue
-        needed, pending = set(), list(absent)
-        while pending:  # the producers' own missing inputs, back to the first stage
-            producer = pending.pop()
-            needed.add(producer)
-            pending += [s for s in missing_inputs(cfg, run_dir, producer) if s not in needed]
-        producer, path = next(iter(absent.items()))
-        stages = [s for s in STAGE_ORDER if s in needed or s in todo]
-        raise ConfigError(
-            f"stage '{stage}' reads {path} from stage '{producer}', which has not run in {run_dir}",
-            f"run the stages it needs first: sit run --run-dir {run_dir} --stages {','.join(stages)} "
-            "(or leave out --stages: the pipeline runs every stage in order and skips finished ones)")
+    check_models(cfg, todo)
+    check_upstream(cfg, run_dir, todo)
+    ensure_writable(run_dir)
+    check_unlocked(run_dir)
+    check_run_record(run_dir, cfg)
+    return run_dir, cfg, source, todo
 
 
 @contextlib.contextmanager
@@ -114,15 +93,15 @@ def prepare_run(run_dir: str | Path, config: dict | str | Path | None = None, *,
                 stages: list[str] | None = None) -> Iterator[OpenRun]:
     """Resolve and check the config, lock the run directory, pull the hub mirror (if any),
     find damaged stages, and record run.json. Nothing here loads a model."""
-    from sit_core.store.hub import verify_run_dir
     from sit_core.secrets import install_log_redaction
+    from sit_core.store.hub import HubMirror, verify_run_dir
 
     install_log_redaction()
     path, cfg, source, todo = check_run(run_dir, config, preset=preset, profile=profile, overrides=overrides,
                                         stages=stages)
     with RunLock(path):
         opened = OpenRun(cfg, path, todo)
-        mirror = mirror_for(cfg, path)
+        mirror = HubMirror(cfg.hub_repo, path) if cfg.hub_repo else None
         if mirror is not None:
             opened.pulled = mirror.pull().downloaded
         opened.damaged = verify_run_dir(path)

@@ -17,10 +17,9 @@ from sit_core.driver import run_stage
 from sit_core.errors import SitError
 from sit_core.store.fileio import read_json
 from sit_core.store.rundir import RunLock, record_run
-from sit_core.training import batches, common
+from sit_core.config import batches
+from sit_core.training import common
 from sit_core.training import distributed
-from sit_core.stages import prompt_tuning
-from sit_core.stages import sft
 from test_training import tiny_cfg, write_inputs
 from conftest import HANG_GUARD_S
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from sit_core.driver import run_stage
-from sit_core.stages.preference import build as preference
 from sit_core.config import load_config
 from sit_core.errors import NotEnoughDataError, SitError
 from sit_core.store.fileio import read_json, read_jsonl

@@ -12,17 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import run_flow_script
 
-from sit_core.driver import run_stage
-from sit_core.stages.generate import magpie
-
-from sit_core.driver import run_stage
-
-from sit_core.stages.preference import build as preference
-
-from sit_core.stages.preference import shards as preference_shards
-
-from sit_core.stages.generate import shards
 from sit_core.config import load_config
+from sit_core.driver import run_stage
+from sit_core.stages.generate import shards
+from sit_core.stages.preference import shards as preference_shards
 from sit_core.store.fileio import read_json, read_jsonl, sha256_file
 from sit_core.engine.watchdog import HANG_ENV
 

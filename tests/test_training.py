@@ -20,10 +20,8 @@ from sit_core.config import load_config
 from sit_core.errors import ResumeMismatchError, SitError
 from sit_core.store.fileio import append_jsonl, read_json
 from sit_core.driver import open_stage
-from sit_core.training import batches, common
-from sit_core.stages import dpo
-from sit_core.stages import prompt_tuning
-from sit_core.stages import sft
+from sit_core.config import batches
+from sit_core.training import common
 
 TINY = ["training.max_steps=4", "training.sft_save_steps=2", "training.dpo_save_steps=2",
         "training.max_seq_length=96", "training.validation_size=2", "training.sft_batch_size=2",

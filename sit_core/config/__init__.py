@@ -15,7 +15,6 @@ import copy
 import difflib
 import json
 import os
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sit_core.config.batches import BATCH_FIELDS
 from sit_core.errors import ConfigError
 from sit_core.config.profiles import PROFILE_NAMES, detect_profile, profile_overrides
 from sit_core.secrets import hf_token  # noqa: F401 - lives in secrets.py; re-exported for existing callers
@@ -192,13 +192,6 @@ class TrainingConfig(_Section):
         'prompt_tuning' or 'dpo'. Their product is the method's effective batch."""
         size, accumulation = BATCH_FIELDS[method]
         return getattr(self, size), getattr(self, accumulation) or self.gradient_accumulation_steps
-
-
-# Each training method's (per-device batch, gradient accumulation) fields. Prompt tuning and DPO
-# fall back to the shared accumulation when theirs is unset.
-BATCH_FIELDS = {"sft": ("sft_batch_size", "gradient_accumulation_steps"),
-                "prompt_tuning": ("prompt_tuning_batch_size", "prompt_tuning_gradient_accumulation_steps"),
-                "dpo": ("dpo_batch_size", "dpo_gradient_accumulation_steps")}
 
 
 class AgentEvalConfig(_Section):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sit_core.config import STAGE_ORDER, SitConfig
 from sit_core.contract import Read, Stage
-from sit_core.errors import SitError
+from sit_core.errors import ConfigError, SitError
 
 PACKAGE = __name__
 
@@ -75,7 +75,7 @@ def _ancestors(name: str) -> set[str]:
 
 def path_of(run_dir: Path, read: Read) -> Path:
     """Where the output a read names lives in this run directory."""
-    return declared(read.stage).output(run_dir, read.output)
+    return Path(run_dir) / read.stage / declared(read.stage).writes[read.output]
 
 
 def read_paths(cfg: SitConfig, run_dir: Path, read: Read) -> list[Path]:
@@ -117,3 +117,22 @@ def code_version(name: str) -> str:
     for f in files:
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def check_upstream(cfg: SitConfig, run_dir: Path, todo: list[str]) -> None:
+    """Each stage's inputs exist already or come from a stage that runs before it in this run."""
+    for stage in todo:
+        absent = {s: f for s, f in missing_inputs(cfg, run_dir, stage).items() if s not in todo[:todo.index(stage)]}
+        if not absent:
+            continue
+        needed, pending = set(), list(absent)
+        while pending:  # the producers' own missing inputs, back to the first stage
+            producer = pending.pop()
+            needed.add(producer)
+            pending += [s for s in missing_inputs(cfg, run_dir, producer) if s not in needed]
+        producer, path = next(iter(absent.items()))
+        stages = [s for s in STAGE_ORDER if s in needed or s in todo]
+        raise ConfigError(
+            f"stage '{stage}' reads {path} from stage '{producer}', which has not run in {run_dir}",
+            f"run the stages it needs first: sit run --run-dir {run_dir} --stages {','.join(stages)} "
+            "(or leave out --stages: the pipeline runs every stage in order and skips finished ones)")

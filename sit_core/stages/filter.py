@@ -21,7 +21,6 @@ import itertools
 import json
 import re
 from functools import lru_cache
-from pathlib import Path
 
 from sit_core.config import FilterConfig, SitConfig
 from sit_core.errors import NotEnoughDataError

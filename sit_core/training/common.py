@@ -31,7 +31,7 @@ from sit_core.store.fileio import atomic_write_json, iter_files, read_json, read
 from sit_core.store.manifest import StageRun, rel
 from sit_core.engine.models import pick_device, resolve_model_path, torch_dtype
 from sit_core.training import distributed
-from sit_core.training.batches import effective_batch, split_batch, step_down
+from sit_core.config.batches import effective_batch, split_batch, step_down
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"

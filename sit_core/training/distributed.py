@@ -43,7 +43,7 @@ from sit_core.config import SitConfig
 from sit_core.errors import SitError
 from sit_core.store.fileio import atomic_write_json, read_json
 from sit_core.store.manifest import StageRun, read_manifest
-from sit_core.training.batches import split_batch, step_down
+from sit_core.config.batches import check_processes, step_down
 
 OOM_MARKER = "oom.json"
 # Set by launch() for its ranks: the pid that holds the run lock on their behalf.
@@ -103,15 +103,6 @@ def launch_command(run_dir: Path, stage: str, config_path: Path, processes: int)
             "-m", "sit_core.pipeline", str(run_dir), stage, str(config_path)]
 
 
-def check_processes(cfg: SitConfig, stages: list[str]) -> None:
-    """Settings no launch could run with, refused before anything starts (`sit run` checks them
-    before Prefect starts, too): an effective batch the processes cannot share, or more
-    processes than GPUs."""
-    for stage in stages:
-        split_batch(*cfg.training.batch(stage), cfg.training.num_processes)
-    _check_devices(cfg.training.num_processes)
-
-
 def launch(cfg: SitConfig, parent: StageRun) -> dict:
     """Train the stage on cfg.training.num_processes ranks; returns its finished manifest. The
     ranks write the manifest (rank 0 reopens it); this process only relays their progress."""
@@ -147,17 +138,6 @@ def launch(cfg: SitConfig, parent: StageRun) -> dict:
         raise SitError(f"the ranks of stage '{stage}' exited cleanly but left no finished manifest",
                        "rerun the same command; training resumes from its last complete checkpoint")
     return manifest
-
-
-def _check_devices(processes: int) -> None:
-    """One rank per GPU: NCCL refuses two ranks on one device. Without CUDA the ranks are CPU
-    processes on gloo, as many as asked."""
-    import torch
-
-    if torch.cuda.is_available() and processes > torch.cuda.device_count():
-        raise SitError(f"training.num_processes={processes}, but only {torch.cuda.device_count()} GPU(s) are visible",
-                       f"set training.num_processes to at most {torch.cuda.device_count()} (or make more GPUs visible "
-                       "with CUDA_VISIBLE_DEVICES)")
 
 
 def _wait(command: list[str], parent: StageRun) -> int:

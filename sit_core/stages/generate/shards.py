@@ -24,7 +24,6 @@ caller runs `generate_shard` wherever it likes (sit_prefect/sharded.py uses a pr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from sit_core.config import SitConfig

@@ -8,11 +8,20 @@ an OOM step-down, a split over DDP ranks, a run that moves to hardware of anothe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import ValidationError
 
-from sit_core.config import BATCH_FIELDS, SitConfig, TrainingConfig
 from sit_core.errors import SitError
-from sit_core.store.manifest import StageRun
+
+if TYPE_CHECKING:
+    from sit_core.config import SitConfig
+
+# Each training method's (per-device batch, gradient accumulation) fields. Prompt tuning and DPO
+# fall back to the shared accumulation when theirs is unset.
+BATCH_FIELDS = {"sft": ("sft_batch_size", "gradient_accumulation_steps"),
+                "prompt_tuning": ("prompt_tuning_batch_size", "prompt_tuning_gradient_accumulation_steps"),
+                "dpo": ("dpo_batch_size", "dpo_gradient_accumulation_steps")}
 
 
 def fit_batch(effective: int, max_per_device: int) -> tuple[int, int]:
@@ -34,9 +43,10 @@ def backoff(batch: int, grad_accum: int) -> tuple[int, int]:
     return fit_batch(effective_batch(batch, grad_accum), batch // 2)
 
 
-def step_down(run: StageRun, batch: int, grad_accum: int, processes: int) -> tuple[int, int]:
-    """The batch after an out-of-memory error at (batch, grad_accum) per process, recorded in the
-    manifest (a restart resumes at it); a SitError naming the fixes when batch 1 already failed."""
+def step_down(run, batch: int, grad_accum: int, processes: int) -> tuple[int, int]:
+    """The batch after an out-of-memory error at (batch, grad_accum) per process, recorded as an
+    event of the stage's manifest `run` (a StageRun; a restart resumes at that batch); a SitError
+    naming the fixes when batch 1 already failed."""
     if batch == 1:
         raise SitError(f"stage '{run.stage}' ran out of GPU memory even at per-device batch 1",
                        "set training.gradient_checkpointing=true, training.qlora=true, or a smaller "
@@ -75,7 +85,7 @@ def keep_effective_batches(cfg: SitConfig, recorded: dict) -> tuple[SitConfig, l
     step. The new profile's per-device batch stays the upper bound; accumulation makes up the
     rest. Returns the config to use and one note per method changed."""
     try:
-        started = TrainingConfig.model_validate(recorded.get("training") or {})
+        started = type(cfg.training).model_validate(recorded.get("training") or {})
     except ValidationError:
         return cfg, []  # a record from another version of sit: the stages' own checks decide
     updates, notes = {}, []
@@ -91,3 +101,24 @@ def keep_effective_batches(cfg: SitConfig, recorded: dict) -> tuple[SitConfig, l
     if not notes:
         return cfg, []
     return cfg.model_copy(update={"training": cfg.training.model_copy(update=updates)}), notes
+
+
+def check_processes(cfg: SitConfig, stages: list[str]) -> None:
+    """Settings no launch could run with, refused before anything starts (`sit run` checks them
+    before Prefect starts, too): an effective batch the processes cannot share, or more
+    processes than GPUs."""
+    _check_devices(cfg.training.num_processes)
+    for stage in stages:
+        batch, accumulation = cfg.training.batch(stage)
+        split_batch(batch, accumulation, cfg.training.num_processes)
+
+
+def _check_devices(processes: int) -> None:
+    """One rank per GPU: NCCL refuses two ranks on one device. Without CUDA the ranks are CPU
+    processes on gloo, as many as asked."""
+    import torch
+
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise SitError(f"training.num_processes={processes}, but only {torch.cuda.device_count()} GPU(s) are visible",
+                       f"set training.num_processes to at most {torch.cuda.device_count()} (or make more GPUs visible "
+                       "with CUDA_VISIBLE_DEVICES)")
