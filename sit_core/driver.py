@@ -114,16 +114,3 @@ def _run_sharded(cfg: SitConfig, run: StageRun, sharding: Sharding, runner: Shar
         if phase.after:
             phase.after(cfg, run)
     return sharding.finish(cfg, run)
-
-
-class SerialRunner:
-    """Shards one after another in this process: the runner of `run_pipeline` and the tests,
-    and the baseline every other runner's output must equal."""
-
-    def __init__(self, size: int = 1):
-        self.size = size
-
-    def run_wave(self, phase: Phase, cfg: SitConfig, run_dir: Path, wave: list[Shard],
-                 params: dict) -> Iterator[dict]:
-        for shard in wave:
-            yield phase.work(cfg, run_dir, shard, **params)
