@@ -7,6 +7,7 @@ Both wrap Prefect's own CLI (run with this Python) rather than re-implementing i
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -109,12 +110,34 @@ def background_server(prefect_home: Path, port: int | None = None) -> Iterator[t
             proc.wait()
 
 
+def check_exposure(host: str, insecure: bool) -> None:
+    """Anyone who reaches an open Prefect API can start deployments that run code on this GPU
+    VM, so a server others can reach starts only with Prefect's API authentication, or when the
+    user says --insecure."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or insecure or os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
+        return
+    raise SitError(
+        f"sit server --host {host} would serve Prefect's API without authentication to every machine that "
+        "reaches it, and the API starts deployments that run code here",
+        "keep the default --host 127.0.0.1 and reach the UI through an SSH tunnel, or set "
+        "PREFECT_SERVER_API_AUTH_STRING='user:password' here and PREFECT_API_AUTH_STRING (the same value) for "
+        "sit run, workers and notebooks (deployments/README.md); --insecure starts it open anyway")
+
+
 @app.command()
 def server(host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 to listen on every interface"),
-           port: int = typer.Option(4200, "--port")) -> None:
-    """Start a Prefect server with its UI and print the URL. Runs until stopped (Ctrl-C / SIGTERM)."""
+           port: int = typer.Option(4200, "--port"),
+           insecure: bool = typer.Option(False, "--insecure", help="serve a non-loopback address without API "
+                                         "authentication (PREFECT_SERVER_API_AUTH_STRING)")) -> None:
+    """Start a Prefect server with its UI and print the URL. Runs until stopped (Ctrl-C / SIGTERM).
+    On an address other machines reach, it needs PREFECT_SERVER_API_AUTH_STRING (or --insecure)."""
     url = f"http://{host}:{port}"
     try:
+        check_exposure(host, insecure)
         check_port_free(host, port)
         check_prefect_home()
     except SitError as err:
