@@ -15,10 +15,7 @@ Work comes in waves: the first covers num_samples attempts; when rejections leav
 prefix short, the next wave covers what is still missing. The plan is recorded before a
 wave starts, so a resumed run finishes the unfinished shards of the recorded plan (each from
 its own checkpoint) and redoes none of the finished ones. Nothing here imports Prefect: the
-caller runs `generate_shard` wherever it likes (sit_prefect/sharded.py uses a process pool).
-
-`Plan` and `split` are the shard bookkeeping the sharded preference stage
-(preference_shards.py) shares.
+driver (sit_core/driver.py) runs `generate_shard` on the runner it is given.
 """
 
 from __future__ import annotations
