@@ -87,14 +87,16 @@ def _dedup(rec: dict, seen: set[str]) -> dict:
 
 
 def run(cfg: SitConfig, stage: StageRun) -> dict:
-    """Attempts into attempts.jsonl, batch by batch, until replay() says run() is complete."""
+    """Attempts into attempts.jsonl, batch by batch, until enough are accepted (as replay() counts)."""
     log_path = stage.dir / ATTEMPTS
     started = time.perf_counter()
+    tally = _Tally(cfg)
 
     def checkpoint(records: list[dict]) -> None:
-        stage.progress(*accepted_progress(cfg, records))
+        tally.complete(records)
+        stage.progress(min(tally.accepted, cfg.generation.num_samples), cfg.generation.num_samples)
 
-    records, tokens = extend_log(cfg, log_path, 0, lambda records: replay(cfg, records).complete, checkpoint)
+    records, tokens = extend_log(cfg, log_path, 0, tally.complete, checkpoint)
     if tokens:
         elapsed = time.perf_counter() - started
         stage.event("generated", tokens=tokens, seconds=round(elapsed, 2),
@@ -141,6 +143,23 @@ def extend_log(cfg: SitConfig, log_path: Path, first: int, complete, on_checkpoi
     bar.close()
     release(generator.lm.model)
     return records, tokens
+
+
+class _Tally:
+    """replay()'s verdict kept up to date as the log grows by whole batches: replaying the whole
+    log after every batch would cost time quadratic in the number of samples."""
+
+    def __init__(self, cfg: SitConfig):
+        self.num_samples = cfg.generation.num_samples
+        self.max_attempts = int(cfg.generation.num_samples * cfg.generation.max_attempts_factor)
+        self.seen: set[str] = set()
+        self.counted = self.accepted = 0
+
+    def complete(self, records: list[dict]) -> bool:
+        for rec in records[self.counted:]:
+            self.accepted += _dedup(rec, self.seen)["status"] == "ok"
+        self.counted = len(records)
+        return self.accepted >= self.num_samples or len(records) >= self.max_attempts
 
 
 def accepted_progress(cfg: SitConfig, records: list[dict]) -> tuple[int, int]:
