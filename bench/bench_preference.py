@@ -5,8 +5,8 @@ batch 4 and at batch 8. Prints tokens/s as ratios to stable, twice: end to end (
 and worker start-up included, as a user of this small run sees it) and sampling only (what
 a long run converges to, since loads are a fixed cost per model). Also the pair counts of
 each mode, how many responses came out word-for-word the same as in stable mode, and the
-watchdog's overhead when nothing stalls: the stage's batch-8 worker (spawned process,
-queues, heartbeats) against the same batches sampled in this process with no worker at all.
+watchdog's overhead when nothing stalls: the stage's batch-8 engine process (pipes,
+heartbeats) against the same batches sampled in this process with no worker at all.
 Timings are printed, never asserted.
 
     .venv/bin/python bench/bench_preference.py [--instructions 8] [--max-new-tokens 32]
@@ -32,8 +32,7 @@ from sit_core.driver import run_stage  # noqa: E402
 from sit_core.stages.preference import build as preference  # noqa: E402
 from sit_core.config import load_config  # noqa: E402
 from sit_core.store.fileio import read_jsonl  # noqa: E402
-from sit_core.engine.models import release  # noqa: E402
-from sit_core.engine.watchdog import load_response_model, sample_batch  # noqa: E402
+from sit_core.engine.engines import EngineSpec, open_engine  # noqa: E402
 from sit_core.engine.sampling import Sampling  # noqa: E402
 
 INSTRUCTIONS = [
@@ -55,7 +54,8 @@ def config(n: int, max_new_tokens: int, batch: int):
     return load_config(None, preset="demo", profile="cpu", overrides=[
         f"models.response_models={json.dumps(MODELS)}", f"preference.max_new_tokens={max_new_tokens}",
         f"preference.num_pairs={max(1, n // 2)}", "preference.min_pairs=1", "preference.min_margin=0.0",
-        f"preference.generation_batch_size={batch}", "preference.stall_timeout_s=120"])
+        f"preference.generation_batch_size={batch}", "preference.stall_timeout_s=120",
+        "generation.backend=transformers"])
 
 
 def stage_run(root: Path, n: int, max_new_tokens: int, batch: int) -> dict:
@@ -76,17 +76,15 @@ def in_process_batched(n: int, max_new_tokens: int, batch: int) -> dict:
     """The same batches as the stage's worker, sampled here: no process, queue or watchdog."""
     cfg = config(n, max_new_tokens, batch)
     kept = [{"id": i, "instruction": q} for i, q in enumerate(INSTRUCTIONS[:n])]
-    tokens, loading, started = 0, 0.0, time.perf_counter()
-    for spec in cfg.models.response_models:
+    tokens, started = 0, time.perf_counter()
+    engine = open_engine(EngineSpec(MODELS[0]["model"], "transformers", batch_size=batch), "in-process")
+    loading = time.perf_counter() - started
+    for spec in cfg.models.response_models:  # one model at two settings: one engine, as in the stage
         items = [preference.response_item(cfg, spec.name, rec, 0) for rec in kept]
-        load_started = time.perf_counter()
-        lm, stops = load_response_model(spec, False)
-        loading += time.perf_counter() - load_started
         sampling = Sampling(spec.temperature, spec.top_p, max_new_tokens)
         for i in range(0, len(items), batch):
-            tokens += sum(r["tokens"] for r in sample_batch(lm, stops, items[i:i + batch], sampling))
-        lm = None
-        release()
+            tokens += sum(r["tokens"] for r in preference.answer_items(engine, items[i:i + batch], sampling))
+    engine.close()
     seconds = time.perf_counter() - started
     return {"tokens": tokens, "seconds": seconds, "sampling_seconds": seconds - loading}
 
@@ -120,7 +118,7 @@ def main() -> None:
     startup = (runs[8]["seconds"] - runs[8]["sampling_seconds"]) - (reference["seconds"] - reference["sampling_seconds"])
     print(f"  watchdog overhead at batch 8 when nothing stalls, against the same batches in this process "
           f"({rate(reference, 'sampling_seconds'):.1f} tok/s sampling only): {steady * 100:+.1f}% sampling time "
-          f"(queues, heartbeats), plus {startup / len(MODELS):.1f}s start-up per model (spawn + imports)")
+          f"(pipes, heartbeats), plus {startup:.1f}s start-up of the worker (process + imports)")
 
 
 if __name__ == "__main__":  # the batched worker is spawned: importing this file must not rerun the bench

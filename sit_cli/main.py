@@ -155,8 +155,9 @@ def publish(run_dir: Path = typer.Option(..., "--run-dir", "-d"),
         console.print(url)
 
 
-# `sit server` and `sit deploy` (sit_cli/server.py) register themselves on `app`.
-from sit_cli import server  # noqa: E402,F401
+# `sit server` and `sit deploy` (sit_cli/server.py), and `sit engine` (sit_cli/engine.py),
+# register themselves on `app`.
+from sit_cli import engine, server  # noqa: E402,F401
 
 
 if __name__ == "__main__":

@@ -93,3 +93,11 @@ class Stage:
     @property
     def upstream(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(r.stage for r in self.reads))
+
+
+def record_shard_events(run, summary: dict) -> None:
+    """A Phase.record for shards that return their events (stalls, throughput): the parent
+    files them in the stage's manifest, since a shard worker must not write it."""
+    for event in summary["events"]:
+        event = dict(event)
+        run.event(event.pop("event"), shard=summary["shard"], **event)

@@ -53,6 +53,12 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
         from sit_core.config import read_config_file
 
         source["config"] = read_config_file(config)
+    if record is not None and began_before_engines(record, source):
+        # The old behaviour, not the new default: sit's loop wrote its records so far.
+        source["overrides"].append("generation.backend=transformers")
+        log.info("this run began before sit had generation backends; it goes on with transformers "
+                 "(--set generation.backend=vllm switches it)")
+    overrides = source["overrides"]
     cfg = load_config(source["config"] if source["config"] is not None else None, preset=preset, profile=profile,
                       overrides=overrides)
     if record is not None and not names_a_batch(source):
@@ -60,6 +66,14 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
         for note in notes:
             log.info("%s", note)
     return cfg, source
+
+
+def began_before_engines(record: dict, source: dict) -> bool:
+    """Whether run.json was written before generation.backend existed, and nobody chose one since."""
+    recorded = ((record.get("config") or {}).get("generation") or {})
+    chosen = ((source.get("config") or {}).get("generation") or {})
+    named = any(o.split("=", 1)[0].strip() == "generation.backend" for o in source["overrides"])
+    return "backend" not in recorded and "backend" not in chosen and not named
 
 
 def check_run(run_dir: str | Path, config: dict | str | Path | None = None, *, preset: str | None = None,

@@ -19,6 +19,10 @@ HANG_GUARD_S = 3600
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `generation.backend: auto` means transformers here: the tests of the vLLM backend ask for it
+# by name (the `vllm_python` fixture), so every other test's expectations hold whether or not
+# this machine has a vLLM environment.
+os.environ["SIT_VLLM_PYTHON"] = "none"
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +31,21 @@ def smollm2_path() -> Path:
     from sit_core.engine.models import resolve_model_path
 
     return Path(resolve_model_path("embedded:smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The interpreter of the vLLM environment (`sit engine install`). CI sets SIT_REQUIRE_VLLM=1,
+    where its absence fails the tests that need it instead of skipping them."""
+    from sit_core.config.backend import default_vllm_env, has_vllm
+
+    python = os.environ.get("SIT_TEST_VLLM_PYTHON") or str(default_vllm_env() / "bin" / "python")
+    if not has_vllm(python):
+        message = f"no vLLM environment at {python}: run `sit engine install` (or set SIT_TEST_VLLM_PYTHON)"
+        if os.environ.get("SIT_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
 
 
 @pytest.fixture
@@ -53,6 +72,22 @@ def one_thread_per_process():
         del os.environ["OMP_NUM_THREADS"]
     else:
         os.environ["OMP_NUM_THREADS"] = before_env
+
+
+def engine_processes() -> list[int]:
+    """Live generation-engine workers (sit_core/engine/worker.py) started from this process."""
+    from sit_core.engine import worker
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if worker.__file__.encode() in cmdline and int(stat[1]) == os.getpid() and stat[0] != "Z":
+            found.append(int(proc.name))
+    return found
 
 
 def run_flow_script(script: str, run_dir: Path, prefect_home: Path, overrides: list[str]) -> dict:

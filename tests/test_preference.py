@@ -8,7 +8,6 @@ the resume, watchdog and re-selection tests compare against.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -24,7 +23,9 @@ from sit_core.config import load_config
 from sit_core.errors import NotEnoughDataError, SitError
 from sit_core.store.fileio import read_json, read_jsonl
 from sit_core.stages.preference.build import Candidate, pick_pair, select_pairs
-from sit_core.engine.watchdog import HANG_ENV
+from sit_core.engine.worker import HANG_ENV
+
+from conftest import engine_processes
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_process")
 
@@ -187,7 +188,7 @@ def test_batched_worker_that_hangs_is_killed_and_stage_falls_back_to_stable(base
     assert len(stalls) == 1 and stalls[0]["model"] == "greedy" and stalls[0]["fallback"] == "stable"
     assert "no progress" in stalls[0]["reason"]
     assert manifest["stats"]["stalls"] == 1
-    assert multiprocessing.active_children() == []  # the hung worker is gone
+    assert engine_processes() == []  # the hung worker is gone
     # The first batch came from the worker, the rest from stable mode; nothing is missing.
     assert set(responses_by_key(run_dir)) == set(responses_by_key(base_dir))
     assert manifest["stats"]["pairs"] == base_manifest["stats"]["pairs"]
@@ -229,7 +230,7 @@ def test_response_model_that_fails_to_load_is_named_and_other_work_stays(baselin
                                 f"preference.generation_batch_size={batch}"), run_dir, "preference")
     assert "response model 'broken'" in str(err.value) and str(broken) in str(err.value)
     assert [r["key"] for r in read_jsonl(run_dir / "preference/responses.jsonl")] == [r["key"] for r in greedy]
-    assert multiprocessing.active_children() == []
+    assert engine_processes() == []
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from sit_core.driver import run_stage
 from sit_core.stages.generate import shards
 from sit_core.stages.preference import shards as preference_shards
 from sit_core.store.fileio import read_json, read_jsonl, sha256_file
-from sit_core.engine.watchdog import HANG_ENV
+from sit_core.engine.worker import HANG_ENV
 
 # One torch thread in every process: two workers with two threads each on two shared cores
 # spin against each other (the Magpie test took 63 s on an idle machine, 650 s beside another

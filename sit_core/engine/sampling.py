@@ -125,17 +125,15 @@ def pre_query_template(tokenizer, system_prompt: str | None) -> tuple[str, str]:
     return before, after
 
 
-def stop_token_ids(model, tokenizer, after_user: str) -> set[int]:
-    """End-of-turn (the first token after a user message in the template) plus every eos id."""
-    ids: set[int] = set()
+def stop_token_ids(eos_ids: set[int], tokenizer, after_user: str) -> set[int]:
+    """End-of-turn (the first token after a user message in the template), the model's eos ids
+    (models.eos_token_ids) and the tokenizer's."""
+    ids = set(eos_ids)
     follow = tokenizer(after_user, add_special_tokens=False)["input_ids"]
     if follow:
         ids.add(follow[0])
-    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
     return ids
 
 

@@ -77,6 +77,8 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
         stage.progress(done, total)
 
     stage.progress(0, total)
+    if ev.agent.enabled and cfg.generation.backend == "vllm":
+        _agent_on_vllm(cfg, run_dir, stage, ready)
     for variant in ready:
         _evaluate_variant(cfg, run_dir, stage, variant, step)
 
@@ -110,6 +112,7 @@ def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, step) 
     """Evaluate what is still pending for one variant; the model loads only if something is."""
     from sit_core.engine.models import release, resolve_model_path
     from sit_core.stages.evaluate import lm_eval_runner
+    from sit_core.engine.engines import model_engine
     from sit_core.stages.evaluate.agent import evaluate_agent
 
     ev = cfg.evaluation
@@ -134,13 +137,48 @@ def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, step) 
             stage.event("task_evaluated", variant=variant, task=task)
             step()
         if agent_pending:
-            out = evaluate_agent(lm.model, lm.tokenizer, num_tasks=ev.agent.num_tasks,
-                                 max_steps=ev.agent.max_steps, seed=cfg.seed)
+            engine = model_engine(lm.model, lm.tokenizer, ev.batch_size)
+            out = evaluate_agent(engine, num_tasks=ev.agent.num_tasks, max_steps=ev.agent.max_steps, seed=cfg.seed)
             atomic_write_json(agent_file, {"variant": variant, **out})
-            stage.event("agent_evaluated", variant=variant, success_rate=out["summary"]["success_rate"])
+            stage.event("agent_evaluated", variant=variant, success_rate=out["summary"]["success_rate"],
+                        backend=engine.backend)
             step()
     finally:
         release(lm)
+
+
+def _agent_on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str]) -> None:
+    """The agent evaluation of base and the LoRA variants through one vLLM engine, each
+    variant's adapter a LoRA request on it. Prompt tuning stays on transformers: vLLM runs no
+    soft prompts. An engine that fails leaves its variants to the transformers path."""
+    from sit_core.engine.engines import EngineFailed, engine_spec, open_engine
+    from sit_core.stages.evaluate.agent import evaluate_agent, prompt_budget
+
+    ev = cfg.evaluation
+    todo = [v for v in ready if v != "prompt_tuning" and not (stage.dir / "agent" / f"{v}.json").exists()]
+    if not todo:
+        return
+    spec = engine_spec(cfg, cfg.models.target, max_lora_rank=cfg.training.lora_r,
+                       max_model_len=prompt_budget(cfg.models.target, ev.agent.num_tasks, ev.agent.max_steps, cfg.seed,
+                                                   cfg.models.trust_remote_code),
+                       log_path=stage.dir / "engine.log")
+    try:
+        engine = open_engine(spec, cfg.models.target)
+    except EngineFailed as e:
+        stage.event("engine_failed", backend="vllm", reason=str(e), fallback="transformers")
+        return
+    try:
+        for variant in todo:
+            adapter = str(adapter_dir(run_dir, variant)) if variant != "base" else None
+            out = evaluate_agent(engine, num_tasks=ev.agent.num_tasks, max_steps=ev.agent.max_steps, seed=cfg.seed,
+                                 adapter=adapter)
+            atomic_write_json(stage.dir / "agent" / f"{variant}.json", {"variant": variant, **out})
+            stage.event("agent_evaluated", variant=variant, success_rate=out["summary"]["success_rate"],
+                        backend=engine.backend)
+    except EngineFailed as e:
+        stage.event("engine_failed", backend="vllm", reason=str(e), fallback="transformers")
+    finally:
+        engine.close()
 
 
 def merge_results(merged: dict, result: dict) -> dict:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from sit_core.engine.sampling import Sampling
 from sit_core.errors import SitError
 
 # The local table the lookup tool reads. Invented items, so the answer can only come from the tool.
@@ -175,17 +176,22 @@ def build_tasks(num_tasks: int, seed: int) -> list[AgentTask]:
 
 def parse_reply(text: str) -> dict | None:
     """The first JSON object in the reply that is a tool call or a final answer, else None."""
+    return _first_call(text)[0]
+
+
+def _first_call(text: str) -> tuple[dict | None, int]:
+    """(the first tool call or final answer in `text`, where it ends), or (None, len(text))."""
     decoder = json.JSONDecoder()
     start = text.find("{")
     while start != -1:
         try:
-            obj, _ = decoder.raw_decode(text, start)
+            obj, end = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
             obj = None
         if isinstance(obj, dict) and ("tool" in obj or "answer" in obj):
-            return obj
+            return obj, end
         start = text.find("{", start + 1)
-    return None
+    return None, len(text)
 
 
 def _as_number(value: Any) -> float | None:
@@ -201,21 +207,26 @@ def is_correct(answer: Any, expected: float) -> bool:
     return number is not None and math.isclose(number, expected, rel_tol=0.01, abs_tol=0.01)
 
 
-def solve(task: AgentTask, reply: Callable[[list[dict]], str], max_steps: int) -> dict:
-    """Run one task against `reply` (messages -> assistant text); return its transcript and outcome."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.question}]
-    turns = []
-    answer = None
-    for _ in range(max_steps):
-        text = reply(messages)
-        messages.append({"role": "assistant", "content": text})
+class Conversation:
+    """One task's dialogue with the model: the model replies, a tool call is run and its result
+    fed back, until a final answer or `max_steps` replies."""
+
+    def __init__(self, task: AgentTask, max_steps: int):
+        self.task, self.max_steps = task, max_steps
+        self.messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.question}]
+        self.turns: list[dict] = []
+        self.answer: Any = None
+        self.done = False
+
+    def advance(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
         parsed = parse_reply(text)
         turn: dict[str, Any] = {"reply": text, "valid": False}
+        self.turns.append(turn)
         if parsed is not None and "answer" in parsed:
             turn.update(valid=_as_number(parsed["answer"]) is not None, answer=parsed["answer"])
-            turns.append(turn)
-            answer = parsed["answer"]
-            break
+            self.answer, self.done = parsed["answer"], True
+            return
         if parsed is None:
             feedback = 'Invalid reply. Reply with only a JSON tool call or {"answer": <number>}.'
         else:
@@ -226,12 +237,30 @@ def solve(task: AgentTask, reply: Callable[[list[dict]], str], max_steps: int) -
             except ToolError as e:
                 turn.update(tool=parsed.get("tool"), error=str(e))
                 feedback = f"Error: {e}"
-        turns.append(turn)
-        messages.append({"role": "user", "content": feedback})
-    return {"index": task.index, "kind": task.kind, "question": task.question, "expected": task.answer,
-            "answer": answer, "success": answer is not None and is_correct(answer, task.answer),
-            "steps": len(turns), "valid_turns": sum(t["valid"] for t in turns),
-            "tool_calls": sum(1 for t in turns if "tool" in t), "turns": turns}
+        self.messages.append({"role": "user", "content": feedback})
+        self.done = len(self.turns) >= self.max_steps
+
+    def result(self) -> dict:
+        task, turns = self.task, self.turns
+        return {"index": task.index, "kind": task.kind, "question": task.question, "expected": task.answer,
+                "answer": self.answer, "success": self.answer is not None and is_correct(self.answer, task.answer),
+                "steps": len(turns), "valid_turns": sum(t["valid"] for t in turns),
+                "tool_calls": sum(1 for t in turns if "tool" in t), "turns": turns}
+
+
+def solve_all(tasks: list[AgentTask], reply: Callable[[list[list[dict]]], list[str]], max_steps: int) -> list[dict]:
+    """Every task's transcript and outcome. `reply` answers the open conversations (lists of
+    messages) together, one engine call per step."""
+    conversations = [Conversation(task, max_steps) for task in tasks]
+    while open_ := [c for c in conversations if not c.done]:
+        for conversation, text in zip(open_, reply([c.messages for c in open_])):
+            conversation.advance(text)
+    return [c.result() for c in conversations]
+
+
+def solve(task: AgentTask, reply: Callable[[list[dict]], str], max_steps: int) -> dict:
+    """One task against `reply` (messages -> assistant text)."""
+    return solve_all([task], lambda batch: [reply(messages) for messages in batch], max_steps)[0]
 
 
 def summarize(results: list[dict]) -> dict:
@@ -250,50 +279,49 @@ def summarize(results: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Driving a Hugging Face model (base or PeftModel)
+# Driving a generation engine (sit_core/engine/engines.py)
+
+# Greedy, and short: a tool call or an answer is one small JSON object.
+REPLY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=64)
 
 
-def hf_replier(model, tokenizer, max_new_tokens: int = 64) -> Callable[[list[dict]], str]:
-    """Greedy replies from a causal LM. Generation stops as soon as the reply holds a
-    complete JSON object: everything after it is ignored anyway, and CPU decoding is slow."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+def render(tokenizer, messages: list[dict]) -> list[int]:
+    """The conversation as prompt ids, through the model's chat template; a base model without
+    one gets a plain transcript."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    lines = [m["content"] if m["role"] == "system" else f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return tokenizer("\n\n".join(lines) + "\n\nAssistant:")["input_ids"]
 
-    device = next(model.parameters()).device
-    has_template = bool(getattr(tokenizer, "chat_template", None))
 
-    class JsonDone(StoppingCriteria):
-        def __init__(self, prompt_len: int):
-            self.prompt_len = prompt_len
+def engine_replier(engine, adapter: str | None = None) -> Callable[[list[list[dict]]], list[str]]:
+    """Greedy replies from an engine (`adapter`: a LoRA directory, for vLLM). A reply is cut
+    where its first tool call or answer ends: what follows is never read, and must not be fed
+    back into the next turn's prompt."""
 
-        def __call__(self, input_ids, scores, **kwargs) -> bool:
-            text = tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
-            return "}" in text and parse_reply(text) is not None
-
-    def render(messages: list[dict]) -> str:
-        if has_template:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # A base model without a chat template gets a plain transcript.
-        lines = [m["content"] if m["role"] == "system" else f"{m['role'].capitalize()}: {m['content']}"
-                 for m in messages]
-        return "\n\n".join(lines) + "\n\nAssistant:"
-
-    def reply(messages: list[dict]) -> str:
-        enc = tokenizer(render(messages), return_tensors="pt", add_special_tokens=not has_template).to(device)
-        prompt_len = enc["input_ids"].shape[1]
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                 stopping_criteria=StoppingCriteriaList([JsonDone(prompt_len)]))
-        return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
+    def reply(conversations: list[list[dict]]) -> list[str]:
+        prompts = [render(engine.tokenizer, messages) for messages in conversations]
+        completions = engine.generate(prompts, [0] * len(prompts), REPLY, adapter)
+        texts = [engine.tokenizer.decode(c.ids, skip_special_tokens=True) for c in completions]
+        return [text[:_first_call(text)[1]].strip() for text in texts]
 
     return reply
 
 
-def evaluate_agent(model, tokenizer, *, num_tasks: int, max_steps: int, seed: int) -> dict:
-    reply = hf_replier(model, tokenizer)
-    results = [solve(task, reply, max_steps) for task in build_tasks(num_tasks, seed)]
-    return {"summary": summarize(results), "tasks": results}
+def prompt_budget(model: str, num_tasks: int, max_steps: int, seed: int, trust_remote_code: bool) -> int:
+    """The longest conversation the tasks can reach, in tokens: an engine's max_model_len.
+    Every step adds a reply and a short tool result."""
+    from sit_core.engine.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    first = max(len(render(tokenizer, Conversation(t, max_steps).messages)) for t in build_tasks(num_tasks, seed))
+    return first + max_steps * (REPLY.max_new_tokens + 48)
+
+
+def evaluate_agent(engine, *, num_tasks: int, max_steps: int, seed: int, adapter: str | None = None) -> dict:
+    results = solve_all(build_tasks(num_tasks, seed), engine_replier(engine, adapter), max_steps)
+    return {"summary": {**summarize(results), "backend": engine.backend}, "tasks": results}
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ pre-query part of its chat template (magpie.py), in one process or in shards (sh
 
 from __future__ import annotations
 
-from sit_core.contract import Phase, Sharding, Stage
+from sit_core.contract import Phase, Sharding, Stage, record_shard_events
 from sit_core.stages.generate import magpie, shards
 
 STAGE = Stage(
@@ -12,7 +12,8 @@ STAGE = Stage(
     fingerprint=magpie.fingerprint,
     work=magpie.run,
     sharding=Sharding(
-        phases=(Phase("attempts", pending=shards.pending_shards, work=shards.generate_shard, waves=True),),
+        phases=(Phase("attempts", pending=shards.pending_shards, work=shards.generate_shard, waves=True,
+                      record=record_shard_events),),
         progress=shards.progress,
         finish=shards.finish,
     ),

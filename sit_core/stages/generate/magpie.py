@@ -12,6 +12,7 @@ records as one that never stopped.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -23,13 +24,16 @@ from sit_core.config import SitConfig
 from sit_core.errors import NotEnoughDataError
 from sit_core.store.fileio import append_jsonl, atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
 from sit_core.store.manifest import StageRun
-from sit_core.engine.models import load_causal_lm, release
-from sit_core.engine.sampling import Sampling, chat_prompt, generate, item_seed, pre_query_template, stop_token_ids
+from sit_core.engine.engines import Engine, EngineFailed, decode, engine_spec, open_engine
+from sit_core.engine.models import load_tokenizer
+from sit_core.engine.sampling import Sampling, chat_prompt, item_seed, pre_query_template
 
 NAME = "generate"
 ATTEMPTS = "attempts.jsonl"
 OUTPUT = "generated.jsonl"
 STATS = "stats.json"
+
+log = logging.getLogger("sit.generate")
 
 
 def fingerprint(cfg: SitConfig) -> dict:
@@ -56,20 +60,26 @@ def _load_log(log_path: Path, batch_size: int, first_index: int = 0) -> list[dic
 
 @dataclass
 class _Generator:
-    lm: object
+    engine: Engine
     query_prefix: list[int]
-    stops: set[int]
     instr_sampling: Sampling
     resp_sampling: Sampling
 
 
-def _load_generator(cfg: SitConfig) -> _Generator:
+def _open_generator(cfg: SitConfig, log_dir: Path, stable: bool) -> _Generator:
+    """The generator's engine; `stable` (after a stall) means sit's loop, in this process, one
+    prompt at a time."""
     gen = cfg.generation
-    lm = load_causal_lm(cfg.models.generator, load_in_4bit=cfg.models.generator_4bit,
-                        trust_remote_code=cfg.models.trust_remote_code)
-    tok = lm.tokenizer
-    before, after = pre_query_template(tok, gen.system_prompt)
-    return _Generator(lm, tok(before, add_special_tokens=False)["input_ids"], stop_token_ids(lm.model, tok, after),
+    tokenizer = load_tokenizer(cfg.models.generator, trust_remote_code=cfg.models.trust_remote_code)
+    before, _ = pre_query_template(tokenizer, gen.system_prompt)
+    # The longest sequence: the chat template around the longest instruction, then the response.
+    template = len(chat_prompt(tokenizer, gen.system_prompt, ""))
+    longest = template + gen.instruction_max_tokens + gen.response_max_tokens + 16
+    spec = engine_spec(cfg, cfg.models.generator, load_in_4bit=cfg.models.generator_4bit,
+                       batch_size=gen.batch_size, max_model_len=longest, stable=stable,
+                       log_path=log_dir / "engine.log")
+    engine = open_engine(spec, cfg.models.generator, tokenizer)
+    return _Generator(engine, tokenizer(before, add_special_tokens=False)["input_ids"],
                       Sampling(gen.instruction_temperature, gen.instruction_top_p, gen.instruction_max_tokens),
                       Sampling(gen.response_temperature, gen.response_top_p, gen.response_max_tokens))
 
@@ -96,7 +106,8 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
         tally.complete(records)
         stage.progress(min(tally.accepted, cfg.generation.num_samples), cfg.generation.num_samples)
 
-    records, tokens = extend_log(cfg, log_path, 0, tally.complete, checkpoint)
+    stable = any(e["event"] == "stall" for e in stage.manifest["events"])
+    records, tokens = extend_log(cfg, log_path, 0, tally.complete, checkpoint, stage.event, stable)
     if tokens:
         elapsed = time.perf_counter() - started
         stage.event("generated", tokens=tokens, seconds=round(elapsed, 2),
@@ -104,7 +115,7 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
     return finish(cfg, stage, replay(cfg, records))
 
 
-def generate_range(cfg: SitConfig, log_path: Path, start: int, end: int) -> list[dict]:
+def generate_range(cfg: SitConfig, log_path: Path, start: int, end: int, event=None) -> list[dict]:
     """Raw attempts for indices [start, end) into their own log, for sharded generation.
 
     The batches are the index ranges run() uses (start and end are multiples of batch_size), so
@@ -113,24 +124,34 @@ def generate_range(cfg: SitConfig, log_path: Path, start: int, end: int) -> list
     batch = cfg.generation.batch_size
     if start % batch or end % batch:
         raise ValueError(f"shard [{start}, {end}) is not aligned to generation.batch_size={batch}")
-    return extend_log(cfg, Path(log_path), start, lambda records: start + len(records) >= end)[0]
+    return extend_log(cfg, Path(log_path), start, lambda records: start + len(records) >= end, event=event)[0]
 
 
-def extend_log(cfg: SitConfig, log_path: Path, first: int, complete, on_checkpoint=None) -> tuple[list[dict], int]:
+def extend_log(cfg: SitConfig, log_path: Path, first: int, complete, on_checkpoint=None, event=None,
+               stable: bool = False) -> tuple[list[dict], int]:
     """Magpie's one generation loop. Continues the attempt log whose first index is `first`,
     a batch at a time, fsyncing every checkpoint_interval attempts, until `complete(records)`.
-    Returns the records and the tokens generated now."""
+    An engine that stalls is killed; `event("stall", ...)` records it and the loop goes on in
+    stable mode. Returns the records and the tokens generated now."""
     batch = cfg.generation.batch_size
     records = _load_log(log_path, batch, first_index=first)
     if complete(records):
         return records, 0
-    generator = _load_generator(cfg)
+    generator = _open_generator(cfg, log_path.parent, stable)
     bar = tqdm(total=None, initial=len(records), desc="magpie", unit="attempt")
     pending: list[dict] = []
     tokens = 0
     while not complete(records + pending):
         index = first + len(records) + len(pending)
-        batch_records, n_tokens = _generate_batch(cfg, generator, list(range(index, index + batch)))
+        try:
+            batch_records, n_tokens = _generate_batch(cfg, generator, list(range(index, index + batch)))
+        except EngineFailed as e:
+            log.warning("magpie: %s; continuing in stable mode", e)
+            if event is not None:
+                event("stall", reason=str(e), backend=generator.engine.backend, first_index=index,
+                      stall_timeout_s=cfg.generation.stall_timeout_s, fallback="stable")
+            generator = _open_generator(cfg, log_path.parent, stable=True)
+            continue
         pending += batch_records
         tokens += n_tokens
         bar.update(len(batch_records))
@@ -141,7 +162,7 @@ def extend_log(cfg: SitConfig, log_path: Path, first: int, complete, on_checkpoi
             if on_checkpoint:
                 on_checkpoint(records)
     bar.close()
-    release(generator.lm.model)
+    generator.engine.close()
     return records, tokens
 
 
@@ -196,32 +217,29 @@ def replay(cfg: SitConfig, records: list[dict]) -> Replay:
 
 
 def _generate_batch(cfg, generator: _Generator, indices) -> tuple[list[dict], int]:
-    lm, stops = generator.lm, generator.stops
-    instr_sampling, resp_sampling = generator.instr_sampling, generator.resp_sampling
-    tok = lm.tokenizer
+    engine = generator.engine
     seeds = [item_seed(cfg.seed, NAME, i, "instruction") for i in indices]
-    instr_ids = generate(lm.model, [generator.query_prefix] * len(indices), seeds, instr_sampling, stops,
-                         tok.pad_token_id)
-    n_tokens = sum(len(ids) for ids in instr_ids)
+    instructions = engine.generate([generator.query_prefix] * len(indices), seeds, generator.instr_sampling)
+    n_tokens = sum(len(c.ids) for c in instructions)
     records: list[dict] = []
     to_answer = []
-    for index, ids in zip(indices, instr_ids):
-        text = tok.decode(ids, skip_special_tokens=True).strip()
+    for index, completion in zip(indices, instructions):
+        text = decode(engine, completion)
+        record = {"index": index, "backend": engine.backend}
         if not text:
-            records.append({"index": index, "status": "empty"})
-        elif len(ids) >= instr_sampling.max_new_tokens:
-            records.append({"index": index, "status": "unfinished", "instruction": text})
+            records.append({**record, "status": "empty"})
+        elif completion.truncated:
+            records.append({**record, "status": "unfinished", "instruction": text})
         else:
-            records.append({"index": index, "status": "ok", "instruction": text})
+            records.append({**record, "status": "ok", "instruction": text})
             to_answer.append(records[-1])
     if to_answer:
-        prompts = [chat_prompt(tok, cfg.generation.system_prompt, r["instruction"]) for r in to_answer]
+        prompts = [chat_prompt(engine.tokenizer, cfg.generation.system_prompt, r["instruction"]) for r in to_answer]
         seeds = [item_seed(cfg.seed, NAME, r["index"], "response") for r in to_answer]
-        resp_ids = generate(lm.model, prompts, seeds, resp_sampling, stops, tok.pad_token_id)
-        for rec, ids in zip(to_answer, resp_ids):
-            n_tokens += len(ids)
-            rec["response"] = tok.decode(ids, skip_special_tokens=True).strip()
-            rec["response_truncated"] = len(ids) >= resp_sampling.max_new_tokens
+        for rec, completion in zip(to_answer, engine.generate(prompts, seeds, generator.resp_sampling)):
+            n_tokens += len(completion.ids)
+            rec["response"] = decode(engine, completion)
+            rec["response_truncated"] = completion.truncated
             if not rec["response"]:
                 rec["status"] = "empty_response"
     return records, n_tokens

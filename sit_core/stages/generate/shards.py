@@ -89,8 +89,11 @@ def generate_shard(cfg: SitConfig, run_dir: Path, shard: Shard) -> dict:
     """Generate (or finish) one shard; run in a worker process. Returns a small summary."""
     log = shard_log(run_dir, shard)
     log.parent.mkdir(parents=True, exist_ok=True)
-    records = magpie.generate_range(cfg, log, shard[0], shard[1])
-    return {"shard": list(shard), "attempts": len(records), "ok": sum(r["status"] == "ok" for r in records)}
+    events: list[dict] = []
+    records = magpie.generate_range(cfg, log, shard[0], shard[1],
+                                    lambda kind, **details: events.append({"event": kind, **details}))
+    return {"shard": list(shard), "attempts": len(records), "ok": sum(r["status"] == "ok" for r in records),
+            "events": events}
 
 
 def progress(cfg: SitConfig, run_dir: Path) -> tuple[int, int]:

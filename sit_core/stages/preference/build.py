@@ -10,12 +10,12 @@ each response's seed comes from that key, so a killed run continues where it sto
 writes the same pairs as an uninterrupted one. Models are loaded one at a time and released
 before the next.
 
-Generation runs in stable mode (in process, one item per call) unless
-`generation_batch_size > 1`; then a killable worker process samples fixed batches under a
-stall watchdog and the stage falls back to stable mode for good if it ever stalls (see
-sit_core/engine/watchdog.py). The pair-selection settings (`num_pairs`, `min_pairs`,
-`min_margin`) do not invalidate the logs: changing them re-selects pairs without running a
-model again.
+Responses come from the generation engine (sit_core/engine/engines.py): vLLM, or sit's
+seeded loop, in stable mode (in process, one item per call) unless `generation_batch_size > 1`.
+A batched or vLLM engine runs in a killable process under a stall watchdog, and the stage
+falls back to stable mode for good if it ever stalls. Each record names its backend. The
+pair-selection settings (`num_pairs`, `min_pairs`, `min_margin`) do not invalidate the logs:
+changing them re-selects pairs without running a model again.
 
 Sharded, the same sampling and scoring run over worker processes (shards.py), with the same
 output.
@@ -37,9 +37,10 @@ from sit_core.config import SitConfig
 from sit_core.errors import NotEnoughDataError, SitError
 from sit_core.store.fileio import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
 from sit_core.store.manifest import StageRun, input_hashes, manifest_path, read_manifest
-from sit_core.engine.models import release
-from sit_core.engine.watchdog import BatchWorker, Item, WorkerFailed, load_response_model, sample_batch
-from sit_core.engine.sampling import Sampling, item_seed
+from sit_core.config import ResponseModel
+from sit_core.engine.engines import Engine, EngineFailed, decode, engine_spec, open_engine
+from sit_core.engine.models import load_tokenizer
+from sit_core.engine.sampling import Sampling, chat_prompt, item_seed
 from sit_core.contract import Read
 from sit_core.stages import input_paths, path_of
 
@@ -79,7 +80,7 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
         stage.progress(done, total)
 
     responses = {r["key"]: r for r in read_jsonl(stage.dir / RESPONSES, repair=True)}
-    sample_responses(cfg, work.items, responses, stage.dir / RESPONSES, batched(cfg, stage.manifest), stage.event,
+    sample_responses(cfg, work.items, responses, stage.dir / RESPONSES, stalled(stage.manifest), stage.event,
                      track)
 
     ordered = work.ordered(responses)
@@ -101,10 +102,22 @@ def begin(cfg: SitConfig, run_dir: Path, open_stage: Callable[[SitConfig, Path, 
     return stage
 
 
-def batched(cfg: SitConfig, manifest: dict) -> bool:
-    """Whether responses are sampled in batches. A stall recorded before a restart still
-    counts: the stage stays in stable mode."""
-    return cfg.preference.generation_batch_size > 1 and not any(e["event"] == "stall" for e in manifest["events"])
+def stalled(manifest: dict) -> bool:
+    """Whether an engine stalled in this stage: a stall recorded before a restart still counts,
+    and the stage stays in stable mode."""
+    return any(e["event"] == "stall" for e in manifest["events"])
+
+
+@dataclass(frozen=True)
+class Item:
+    """One response to write: model `model` answers instruction `id` for the `sample`-th time."""
+
+    key: str
+    model: str
+    id: int | str
+    sample: int
+    instruction: str
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -186,16 +199,19 @@ def _forget_other_selection(cfg: SitConfig, run_dir: Path) -> dict | None:
 
 
 def sample_responses(cfg: SitConfig, items: dict[str, list[Item]], responses: dict[str, dict], log_path: Path,
-                     batched: bool, event: Callable[..., None], progress: Callable[[int], None] | None = None) -> None:
+                     stable: bool, event: Callable[..., None], progress: Callable[[int], None] | None = None) -> None:
     """Answer the items missing from `responses` into `log_path` (and `responses`).
 
-    `event(kind, **details)` records a stall and the throughput; `progress(n)` hears how many
-    responses there are after each append. Neither touches a manifest here, so a shard worker,
-    which must not write the stage's manifest, runs this same code."""
+    One engine per distinct model, reused across the response models that sample it at other
+    settings (the demo's three are one model at three temperatures). `event(kind, **details)`
+    records a stall and the throughput; `progress(n)` hears how many responses there are after
+    each append. Neither touches a manifest here, so a shard worker, which must not write the
+    stage's manifest, runs this same code."""
     p = cfg.preference
     total = sum(len(v) for v in items.values())
     bar = tqdm(total=total, initial=len(responses), desc="preference responses", unit="response")
     new_tokens, load_seconds, started = 0, 0.0, time.perf_counter()
+    backends: set[str] = set()
 
     def record(records: list[dict]) -> None:
         nonlocal new_tokens
@@ -206,65 +222,91 @@ def sample_responses(cfg: SitConfig, items: dict[str, list[Item]], responses: di
         if progress:
             progress(len(responses))
 
-    for spec in cfg.models.response_models:
-        if all(it.key in responses for it in items[spec.name]):
-            continue
-        sampling = Sampling(spec.temperature, spec.top_p, p.max_new_tokens)
-        if batched:
-            try:
-                load_seconds += _sample_batched(cfg, spec, items[spec.name], responses, sampling, record)
-            except WorkerFailed as e:
-                # The seeds' batched notebook deadlocked for good; stable mode never did. The
-                # items of the unfinished batch are simply still missing from the log.
-                log.warning("preference: %s; continuing in stable mode for the rest of the stage", e)
-                event("stall", model=spec.name, reason=str(e), stall_timeout_s=p.stall_timeout_s, fallback="stable")
-                batched = False
-        todo = [it for it in items[spec.name] if it.key not in responses]
-        if todo:
-            loading = time.perf_counter()
-            lm, stops = load_response_model(spec, cfg.models.trust_remote_code)
-            load_seconds += time.perf_counter() - loading
-            try:
-                for it in todo:  # stable mode: one item per generation call
-                    record(sample_batch(lm, stops, [it], sampling))
-            finally:
-                lm = None
-                release()
+    for specs in _by_model(cfg.models.response_models):
+        todo = [spec for spec in specs if any(it.key not in responses for it in items[spec.name])]
+        engine = None
+        try:
+            for spec in todo:
+                sampling = Sampling(spec.temperature, spec.top_p, p.max_new_tokens)
+                while True:
+                    size = 1 if stable else p.generation_batch_size
+                    # Fixed slices of the model's item list (a shard's list starts on a slice
+                    # boundary of the whole one). A slice that is partly logged (a kill tore its
+                    # append) is sampled whole again and only its missing records kept, so every
+                    # row sees the same batch mates as in an uninterrupted run.
+                    slices = [items[spec.name][i:i + size] for i in range(0, len(items[spec.name]), size)]
+                    batches = [b for b in slices if any(it.key not in responses for it in b)]
+                    if not batches:
+                        break
+                    if engine is None:
+                        loading = time.perf_counter()
+                        engine = _open_response_engine(cfg, specs[0], items, log_path.parent, stable)
+                        load_seconds += time.perf_counter() - loading
+                        backends.add(engine.backend)
+                        event("engine_started", backend=engine.backend, models=[s.name for s in todo],
+                              seconds=round(time.perf_counter() - loading, 2))
+                    try:
+                        for batch in batches:
+                            record([r for r in answer_items(engine, batch, sampling) if r["key"] not in responses])
+                        break
+                    except EngineFailed as e:
+                        # The seeds' batched notebook deadlocked for good; stable mode never did.
+                        # The items of the unfinished batch are simply still missing from the log.
+                        log.warning("preference: %s; continuing in stable mode for the rest of the stage", e)
+                        event("stall", model=spec.name, reason=str(e), backend=engine.backend,
+                              stall_timeout_s=p.stall_timeout_s, fallback="stable")
+                        stable, engine = True, None
+        finally:
+            if engine is not None:
+                engine.close()
     bar.close()
     elapsed = time.perf_counter() - started
     if new_tokens:
-        # Loads (and worker start-up) are a fixed cost per model; sampling throughput excludes them.
+        # Engine starts are a fixed cost per model; sampling throughput excludes them.
         event("generated", tokens=new_tokens, seconds=round(elapsed, 2), load_seconds=round(load_seconds, 2),
               tokens_per_sec=round(new_tokens / elapsed, 2),
               sampling_tokens_per_sec=round(new_tokens / max(elapsed - load_seconds, 1e-9), 2),
-              batch_size=p.generation_batch_size)
+              batch_size=1 if stable else p.generation_batch_size, backends=sorted(backends))
 
 
-def _sample_batched(cfg: SitConfig, spec, items: list[Item], responses: dict[str, dict],
-                    sampling: Sampling, record) -> float:
-    """Sample with a worker process; returns its start-up time (spawn and model load).
+def _by_model(specs: list[ResponseModel]) -> list[list[ResponseModel]]:
+    """Response models grouped by the weights they load, in config order."""
+    groups: dict[tuple, list[ResponseModel]] = {}
+    for spec in specs:
+        groups.setdefault((spec.model, spec.load_in_4bit), []).append(spec)
+    return list(groups.values())
 
-    Batches are fixed slices of the model's item list (a shard's list starts on a batch
-    boundary of the whole one). A slice that is partly logged (a kill tore its append) is
-    sampled whole again and only its missing records are kept, so every row sees the same
-    batch mates, and padding, as in an uninterrupted run."""
+
+def _open_response_engine(cfg: SitConfig, spec: ResponseModel, items: dict[str, list[Item]], log_dir: Path,
+                          stable: bool) -> Engine:
+    """The engine of one response model; any failure to start becomes a SitError naming it."""
     p = cfg.preference
-    size = p.generation_batch_size
-    batches = [items[i:i + size] for i in range(0, len(items), size)]
-    pending = [b for b in batches if any(it.key not in responses for it in b)]
-    if not pending:
-        return 0.0
-    starting = time.perf_counter()
-    worker = BatchWorker(spec, cfg.models.trust_remote_code, sampling, p.stall_timeout_s)
-    startup = time.perf_counter() - starting
     try:
-        for batch in pending:
-            record([r for r in worker.run(batch) if r["key"] not in responses])
-    except BaseException:
-        worker.kill()
-        raise
-    worker.close()
-    return startup
+        tokenizer = load_tokenizer(spec.model, trust_remote_code=cfg.models.trust_remote_code)
+        longest = max(len(chat_prompt(tokenizer, None, it.instruction)) for its in items.values() for it in its)
+        engine_settings = engine_spec(cfg, spec.model, stable=stable, isolated=p.generation_batch_size > 1,
+                                      load_in_4bit=spec.load_in_4bit, batch_size=p.generation_batch_size,
+                                      max_model_len=longest + p.max_new_tokens + 16,
+                                      stall_timeout_s=p.stall_timeout_s, log_path=log_dir / "engine.log")
+        return open_engine(engine_settings, spec.name, tokenizer)
+    except SitError as e:
+        raise SitError(f"response model '{spec.name}' ({spec.model}) could not be loaded: {e.problem}", e.fix) from None
+    except EngineFailed as e:
+        raise SitError(f"response model '{spec.name}' ({spec.model}) could not be loaded: {e}",
+                       "see the engine's log named above; responses already written are kept") from None
+    except Exception as e:  # noqa: BLE001 - a broken checkpoint can fail in many ways; name the model
+        raise SitError(f"response model '{spec.name}' ({spec.model}) could not be loaded: {type(e).__name__}: {e}",
+                       "fix or replace this entry of models.response_models; responses already written by the "
+                       "other models are kept and reused when the stage runs again") from None
+
+
+def answer_items(engine: Engine, items: list[Item], sampling: Sampling) -> list[dict]:
+    """Answer each item through the model's chat template; one log record per item."""
+    prompts = [chat_prompt(engine.tokenizer, None, it.instruction) for it in items]
+    completions = engine.generate(prompts, [it.seed for it in items], sampling)
+    return [{"key": it.key, "model": it.model, "id": it.id, "sample": it.sample, "response": decode(engine, c),
+             "tokens": len(c.ids), "truncated": c.truncated, "backend": engine.backend}
+            for it, c in zip(items, completions)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def pending_response_shards(cfg: SitConfig, run_dir: Path, n_shards: int) -> lis
             if any(it.key not in responses for items in work.slice(*s).values() for it in items)]
 
 
-def sample_shard(cfg: SitConfig, run_dir: Path, shard: Shard, batched: bool) -> dict:
+def sample_shard(cfg: SitConfig, run_dir: Path, shard: Shard, stable: bool) -> dict:
     """Sample (or finish) one shard of responses into its own log; run in a worker process.
     Returns a small summary with the events for the parent to record."""
     items = preference.Work.load(cfg, run_dir).slice(*shard)
@@ -114,7 +114,7 @@ def sample_shard(cfg: SitConfig, run_dir: Path, shard: Shard, batched: bool) -> 
     responses = {k: r for k, r in _stage_log(run_dir, preference.RESPONSES).items() if k in own}
     responses.update((r["key"], r) for r in read_jsonl(log_path, repair=True))
     events: list[dict] = []
-    preference.sample_responses(cfg, items, responses, log_path, batched,
+    preference.sample_responses(cfg, items, responses, log_path, stable,
                                 lambda kind, **details: events.append({"event": kind, **details}))
     return {"shard": list(shard), "responses": len(responses), "events": events}
 

@@ -1,0 +1,315 @@
+"""Generation engines: everything in sit that samples text goes through one of these.
+
+An engine takes prompts as token ids, one seed per prompt and the sampling settings, and
+returns the new token ids of each (stop token excluded). Prompts are rendered and replies
+decoded here, in the parent, with the model's own tokenizer, so every backend sees the same
+tokens.
+
+- `LocalEngine`: sit's seeded decoding loop (sampling.py) in this process. Batch 1 is the
+  stable mode: the seeds' fix for the batched notebook's deadlock.
+- `EngineProcess`: an engine in its own process (worker.py), either vLLM under the vLLM
+  environment's interpreter (backend.py finds it) or sit's loop in batches. Its stall watchdog
+  kills a worker that sends no heartbeat for `stall_timeout_s` and raises `EngineFailed`; the
+  stage then records the stall and goes on in stable mode. Its exit frees the GPU memory for
+  the next stage's models.
+
+Each request's randomness comes from its own seed (sampling.item_seed), so a reply does not
+depend on its batch mates or on where a run was interrupted, on either backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from sit_core.engine import worker
+from sit_core.engine.models import LoadedModel, eos_token_ids, load_causal_lm, load_tokenizer, release, resolve_model_path
+from sit_core.engine.sampling import Sampling, generate, pre_query_template, stop_token_ids
+from sit_core.config import SitConfig
+from sit_core.config.backend import find_vllm_python
+from sit_core.errors import SitError
+
+
+@dataclass(frozen=True)
+class Completion:
+    ids: list[int]
+    truncated: bool  # reached max_new_tokens without a stop token
+
+
+class EngineFailed(Exception):
+    """The engine process stalled or died (it has been killed); the caller goes on in stable mode."""
+
+
+class LocalEngine:
+    """sit's decoding loop in this process, `batch_size` prompts at a time."""
+
+    backend = "transformers"
+
+    def __init__(self, lm: LoadedModel, stops: set[int], batch_size: int = 1):
+        self.lm, self.stops, self.batch_size = lm, stops, batch_size
+
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
+                 adapter: str | None = None) -> list[Completion]:
+        out: list[Completion] = []
+        for i in range(0, len(prompts), self.batch_size):
+            for ids in generate(self.lm.model, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
+                                sampling, self.stops, self.lm.tokenizer.pad_token_id):
+                out.append(Completion(ids, len(ids) >= sampling.max_new_tokens))
+        return out
+
+    def close(self) -> None:
+        self.lm = None
+        release()
+
+
+class GenerateEngine:
+    """transformers' own `generate()`, for a model sit's loop cannot feed: PEFT's prompt tuning
+    prepends its soft prompt inside `generate()`. Greedy replies (the evaluation's) do not
+    depend on the seeds; sampled ones are seeded per call, not per row."""
+
+    backend = "transformers"
+
+    def __init__(self, model, tokenizer, stops: set[int], batch_size: int = 1):
+        self.model, self.tokenizer, self.stops, self.batch_size = model, tokenizer, stops, batch_size
+
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
+                 adapter: str | None = None) -> list[Completion]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        out: list[Completion] = []
+        for i in range(0, len(prompts), self.batch_size):
+            batch = prompts[i:i + self.batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            kwargs = {"do_sample": False}
+            if sampling.temperature > 0:
+                torch.manual_seed(int(seeds[i]))
+                kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+            with torch.no_grad():
+                generated = self.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad,
+                                                eos_token_id=sorted(self.stops),
+                                                max_new_tokens=sampling.max_new_tokens, **kwargs)
+            for row in generated[:, width:].tolist():
+                cut = next((j for j, t in enumerate(row) if t in self.stops), None)
+                out.append(Completion(row[:cut] if cut is not None else row, cut is None and
+                                      len(row) >= sampling.max_new_tokens))
+        return out
+
+    def close(self) -> None:
+        self.model = None
+
+
+class EngineProcess:
+    """A worker process (worker.py) behind a stall watchdog."""
+
+    def __init__(self, python: str, init: dict, *, name: str, stall_timeout_s: float, log_path: Path | None = None):
+        self.backend, self.name, self.stall_timeout_s = init["backend"], name, stall_timeout_s
+        self.log_path = log_path
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
+        # A session of its own: the kill reaches any process the engine started.
+        self.proc = subprocess.Popen([python, worker.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, start_new_session=True, env=_worker_env())
+        self._messages: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True, name=f"sit-engine-{name}").start()
+        self._send({"init": init})
+        self.version = self._wait_ready()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._messages.put(json.loads(line))
+        self._messages.put(None)  # end of output: the worker exited
+
+    def _send(self, message: dict) -> None:
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the worker is gone; the next read says how
+
+    def _died(self) -> str:
+        self.proc.wait()
+        tail = ""
+        if self.log_path is not None and self.log_path.exists():
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            tail = f"; the end of its log ({self.log_path}): " + " | ".join(lines[-3:])
+        return f"the {self.backend} engine for '{self.name}' exited with code {self.proc.returncode}{tail}"
+
+    def _wait_ready(self) -> str:
+        # Loading has no stall timeout (an 8B download can take long), only a liveness check.
+        message = self._messages.get()
+        if message is None:
+            raise EngineFailed(self._died())
+        if "error" in message:
+            self.kill()
+            raise SitError(f"the {self.backend} engine could not load '{self.name}': {message['error']}",
+                           "check the model id or path and that it fits in memory; with generation.backend=vllm, "
+                           "check the vLLM environment (`sit engine check`), or set generation.backend=transformers")
+        return message["ready"]["version"]
+
+    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
+                 adapter: str | None = None) -> list[Completion]:
+        """One call's completions. Raises EngineFailed, after killing the worker, on a stall or crash."""
+        self._send({"generate": {"sampling": asdict(sampling),
+                                 "requests": [{"prompt": list(p), "seed": int(s), "adapter": adapter}
+                                              for p, s in zip(prompts, seeds)]}})
+        last_progress = time.monotonic()
+        while True:
+            try:
+                message = self._messages.get(timeout=min(1.0, self.stall_timeout_s))
+            except queue.Empty:
+                idle = time.monotonic() - last_progress
+                if idle >= self.stall_timeout_s:
+                    self.kill()
+                    raise EngineFailed(f"the {self.backend} engine for '{self.name}' made no progress for "
+                                       f"{idle:.1f}s (stall_timeout_s={self.stall_timeout_s:g})") from None
+                continue
+            if message is None:
+                raise EngineFailed(self._died())
+            if "done" in message:
+                return [Completion(d["ids"], d["truncated"]) for d in message["done"]]
+            last_progress = time.monotonic()  # a heartbeat
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # a thread stuck in C code ignores anything gentler
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        self._close_files()
+
+    def close(self) -> None:
+        """Stop a healthy worker: it frees its model (and GPU memory) by exiting."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def _close_files(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    # The transformers worker runs this sit: the folder holding sit_core goes first on its path.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+@dataclass
+class Engine:
+    """An engine for one model, with what the stages need around it: the model's tokenizer,
+    its stop ids, and which backend answers."""
+
+    impl: LocalEngine | GenerateEngine | EngineProcess
+    tokenizer: object
+    stops: set[int]
+    after_user: str = field(repr=False)
+
+    @property
+    def backend(self) -> str:
+        return self.impl.backend
+
+    def generate(self, prompts, seeds, sampling: Sampling, adapter: str | None = None) -> list[Completion]:
+        return self.impl.generate(prompts, seeds, sampling, adapter)
+
+    def close(self) -> None:
+        self.impl.close()
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to run one model: `backend` is a resolved one (backend.resolve_backend); `isolated`
+    runs the transformers loop in a killable worker too (batched mode)."""
+
+    model: str
+    backend: str
+    batch_size: int = 1
+    isolated: bool = False
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    max_model_len: int = 2048
+    stall_timeout_s: float = 300.0
+    vllm_python: str | None = None
+    gpu_memory_utilization: float = 0.85
+    max_lora_rank: int | None = None
+    log_path: Path | None = None
+
+
+def engine_spec(cfg: SitConfig, model: str, *, stable: bool = False, isolated: bool = False, **settings) -> EngineSpec:
+    """The EngineSpec of `model` under this config's backend; `stable` is the safe mode (sit's
+    loop in this process, one prompt at a time), where a stage goes after a stall."""
+    gen = cfg.generation
+    backend = "transformers" if stable else gen.backend
+    if stable:
+        settings["batch_size"] = 1
+    settings.setdefault("stall_timeout_s", gen.stall_timeout_s)
+    return EngineSpec(model=model, backend=backend, isolated=isolated and not stable,
+                      trust_remote_code=cfg.models.trust_remote_code,
+                      vllm_python=find_vllm_python(gen.vllm_python) if backend == "vllm" else None,
+                      gpu_memory_utilization=gen.gpu_memory_utilization, **settings)
+
+
+def open_engine(spec: EngineSpec, name: str, tokenizer=None) -> Engine:
+    """Start the engine `spec` describes; `name` labels it in errors (a model or variant name)."""
+    if spec.backend == "vllm" and spec.vllm_python is None:
+        from sit_core.engine.backend import check
+
+        check(None)  # raises the SitError that says how to install it
+    tokenizer = tokenizer or load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+    _, after_user = pre_query_template(tokenizer, None)
+    if spec.backend == "transformers" and not spec.isolated:
+        lm = load_causal_lm(spec.model, load_in_4bit=spec.load_in_4bit, trust_remote_code=spec.trust_remote_code)
+        stops = stop_token_ids(eos_token_ids(lm.model.generation_config), tokenizer, after_user)
+        return Engine(LocalEngine(lm, stops, spec.batch_size), tokenizer, stops, after_user)
+    path = resolve_model_path(spec.model)
+    stops = stop_token_ids(eos_token_ids(path), tokenizer, after_user)
+    init = {"backend": spec.backend, "model": path, "stop_ids": sorted(stops),
+            "trust_remote_code": spec.trust_remote_code}
+    if spec.backend == "vllm":
+        from sit_core.engine.backend import vllm_init
+
+        init.update(vllm_init(spec))
+        python = spec.vllm_python
+    else:
+        init["load_in_4bit"] = spec.load_in_4bit
+        python = sys.executable
+    process = EngineProcess(python, init, name=name, stall_timeout_s=spec.stall_timeout_s, log_path=spec.log_path)
+    return Engine(process, tokenizer, stops, after_user)
+
+
+def decode(engine: Engine, completion: Completion) -> str:
+    return engine.tokenizer.decode(completion.ids, skip_special_tokens=True).strip()
+
+
+
+def model_engine(model, tokenizer, batch_size: int = 1) -> Engine:
+    """An Engine over a model already loaded in this process (base or PEFT), through
+    transformers' generate()."""
+    _, after_user = pre_query_template(tokenizer, None) if getattr(tokenizer, "chat_template", None) else (None, "")
+    stops = stop_token_ids(eos_token_ids(model.generation_config), tokenizer, after_user)
+    return Engine(GenerateEngine(model, tokenizer, stops, batch_size), tokenizer, stops, after_user)

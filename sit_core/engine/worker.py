@@ -1,0 +1,192 @@
+"""A generation engine in its own process, spoken to in JSON lines over stdin/stdout.
+
+Why a process: a hang in C code (the seeds' batched `generate()` deadlock) cannot be
+interrupted from inside a process, but a process can always be killed; and vLLM cannot share
+an environment with Prefect's server (their fastapi pins conflict), so its engine runs under
+another interpreter. This file therefore imports only the standard library at module level:
+the vLLM environment runs it by path, without sit installed. The parent side is
+sit_core/engine/engines.py (`EngineProcess`).
+
+Protocol, one JSON object per line:
+    parent -> {"init": {"backend": "vllm"|"transformers", "model": path, ...}}
+    worker -> {"ready": {"backend": ..., "version": ...}}  or  {"error": problem, "fix": fix}
+    parent -> {"generate": {"sampling": {...}, "requests": [{"prompt": [ids], "seed": n, "adapter": path|null}]}}
+    worker -> {"tick": n} while it decodes (a heartbeat, at most a few per second)
+    worker -> {"done": [{"ids": [ids], "truncated": bool}, ...]}   (request order; stop token excluded)
+    parent closes stdin -> the worker exits, and its memory (GPU included) is freed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+# Test hook, deliberately outside the config: the worker's Nth generate call blocks forever
+# inside the engine's decoding step, a real hang for the parent's watchdog to catch.
+HANG_ENV = "SIT_TEST_ENGINE_HANG_AT_CALL"
+HEARTBEAT_S = 0.5
+
+
+class Heartbeat:
+    def __init__(self, send):
+        self.send, self.last, self.steps = send, 0.0, 0
+
+    def __call__(self, *_) -> None:
+        self.steps += 1
+        now = time.monotonic()
+        if now - self.last >= HEARTBEAT_S:
+            self.last = now
+            self.send({"tick": self.steps})
+
+
+class VllmBackend:
+    """vLLM's engine stepped by hand (what `LLM.generate` does inside), so that a heartbeat goes
+    out after every scheduler step."""
+
+    def __init__(self, init: dict):
+        if init.get("device") == "cpu":
+            # One process: the engine core in a child would outlive a SIGKILL of this one.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if init.get("batch_invariant"):
+            # The same tokens whatever a request's batch mates (Ampere and newer); read at import.
+            os.environ.setdefault("VLLM_BATCH_INVARIANT", "1")
+        import vllm
+        from vllm import LLM
+
+        self.version = vllm.__version__
+        self.stops = list(init["stop_ids"])
+        kwargs = dict(model=init["model"], tokenizer=init["model"], seed=0, dtype=init.get("dtype", "auto"),
+                      max_model_len=init["max_model_len"], enforce_eager=init["enforce_eager"],
+                      enable_prefix_caching=True, trust_remote_code=init.get("trust_remote_code", False),
+                      gpu_memory_utilization=init["gpu_memory_utilization"])
+        if init.get("max_lora_rank"):
+            kwargs.update(enable_lora=True, max_lora_rank=init["max_lora_rank"], max_loras=init.get("max_loras", 2))
+        if init.get("quantization"):
+            kwargs["quantization"] = init["quantization"]
+        self.engine = LLM(**kwargs).llm_engine
+        self.adapters: dict[str, int] = {}
+
+    def hang_in_step(self) -> None:
+        def blocked():
+            threading.Event().wait()
+
+        self.engine.step = blocked
+
+    def generate(self, sampling: dict, requests: list[dict], beat) -> list[dict]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        results: dict[str, dict] = {}
+        for i, req in enumerate(requests):
+            params = SamplingParams(temperature=sampling["temperature"], top_p=sampling["top_p"],
+                                    max_tokens=sampling["max_new_tokens"], seed=req["seed"],
+                                    stop_token_ids=self.stops, detokenize=False)
+            lora = None
+            if req.get("adapter"):
+                adapter = req["adapter"]
+                lora_id = self.adapters.setdefault(adapter, len(self.adapters) + 1)
+                lora = LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
+            self.engine.add_request(str(i), TokensPrompt(prompt_token_ids=req["prompt"]), params, lora_request=lora)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    completion = out.outputs[0]
+                    ids = list(completion.token_ids)
+                    if completion.finish_reason == "stop" and ids and ids[-1] in self.stops:
+                        ids.pop()
+                    results[out.request_id] = {"ids": ids, "truncated": completion.finish_reason == "length"}
+            beat()
+        return [results[str(i)] for i in range(len(requests))]
+
+
+class TransformersBackend:
+    """sit's own seeded decoding loop (sit_core/engine/sampling.py), for the transformers
+    backend's batched mode: the parent sends one batch per call, so rows keep their batch mates."""
+
+    def __init__(self, init: dict):
+        import transformers
+
+        from sit_core.engine.models import load_causal_lm
+
+        self.version = transformers.__version__
+        self.lm = load_causal_lm(init["model"], load_in_4bit=init.get("load_in_4bit", False),
+                                 trust_remote_code=init.get("trust_remote_code", False))
+        self.stops = set(init["stop_ids"])
+        self.hang = False
+
+    def hang_in_step(self) -> None:
+        self.hang = True
+
+    def generate(self, sampling: dict, requests: list[dict], beat) -> list[dict]:
+        from sit_core.engine.sampling import Sampling, generate
+
+        def on_step(step: int) -> None:
+            if self.hang:
+                threading.Event().wait()
+            beat()
+
+        params = Sampling(**sampling)
+        outs = generate(self.lm.model, [r["prompt"] for r in requests], [r["seed"] for r in requests], params,
+                        self.stops, self.lm.tokenizer.pad_token_id, on_step)
+        return [{"ids": ids, "truncated": len(ids) >= params.max_new_tokens} for ids in outs]
+
+
+BACKENDS = {"vllm": VllmBackend, "transformers": TransformersBackend}
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the process that started it dies, even by
+    SIGKILL, so that a killed stage leaves no engine holding the GPU behind it."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the worker exits at its next read from the closed pipe
+    if os.getppid() == 1:  # the parent died before the call above
+        os._exit(1)
+
+
+def main() -> None:
+    die_with_parent()
+    # The protocol gets a private copy of stdout; fd 1 then points at stderr, so whatever a
+    # library prints (vLLM logs to stdout) cannot corrupt a message.
+    channel = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    lock = threading.Lock()
+
+    def send(message: dict) -> None:
+        with lock:
+            channel.write(json.dumps(message) + "\n")
+            channel.flush()
+
+    first = sys.stdin.readline()
+    if not first:
+        return
+    init = json.loads(first)["init"]
+    try:
+        backend = BACKENDS[init["backend"]](init)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which names the model and the fix
+        send({"error": f"{type(e).__name__}: {e}"})
+        return
+    send({"ready": {"backend": init["backend"], "version": backend.version}})
+    hang_at = int(os.environ.get(HANG_ENV, "0"))
+    calls = 0
+    for line in sys.stdin:
+        call = json.loads(line)["generate"]
+        calls += 1
+        if calls == hang_at:
+            backend.hang_in_step()
+        send({"done": backend.generate(call["sampling"], call["requests"], Heartbeat(send))})
+
+
+if __name__ == "__main__":
+    if os.path.dirname(os.path.abspath(__file__)) == sys.path[0]:
+        # Run by path: this folder (sit_core/engine) must not shadow top-level modules.
+        sys.path.pop(0)
+    main()
