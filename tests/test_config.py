@@ -80,7 +80,10 @@ def test_gpu_classification(name, mem, expected):
 
 def test_presets_use_the_seed_models():
     cfg = load_config(None, preset="colab-a100")
-    assert cfg.models.generator == "meta-llama/Llama-3.1-8B-Instruct" and cfg.models.generator_4bit
+    # An 8B generator fits in bf16 on an A100 (16 GB of 40); a T4 needs 4-bit.
+    assert cfg.models.generator == "meta-llama/Llama-3.1-8B-Instruct" and not cfg.models.generator_4bit
+    assert not any(m.load_in_4bit for m in cfg.models.response_models)
+    assert load_config(None, preset="colab-t4").models.generator_4bit
     assert cfg.models.target == "meta-llama/Llama-3.2-3B"
     assert cfg.models.reward_model == "OpenAssistant/reward-model-deberta-v3-large-v2"
     assert [m.name for m in cfg.models.response_models] == ["llama-3.2-1b", "mistral-7b", "qwen2.5-3b"]
@@ -192,3 +195,46 @@ def test_sit_config_command_prints_resolved_json(tmp_path):
     assert data["profile"] == "t4" and data["training"]["sft_batch_size"] == 4
     bad = CliRunner().invoke(app, ["config", "--set", "training.lora_rr=4"])
     assert bad.exit_code == 2 and "did you mean 'training.lora_r'" in bad.output
+
+
+def fake_vllm_python(tmp_path: Path) -> str:
+    """An interpreter whose environment 'has vllm' as far as the search can tell (it answers
+    the find_spec probe with success), to test the choice without installing vLLM."""
+    python = tmp_path / "vllm-env" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\nexit 0\n")
+    python.chmod(0o755)
+    return str(python)
+
+
+def test_auto_backend_is_vllm_where_its_environment_is_found_and_sizes_calls_for_it(tmp_path, monkeypatch):
+    from sit_core.config.backend import has_vllm
+
+    assert load_config({}, profile="a100").generation.backend == "transformers"  # the suite's SIT_VLLM_PYTHON=none
+    python = fake_vllm_python(tmp_path)
+    has_vllm.cache_clear()
+    cfg = load_config({"generation": {"vllm_python": python}}, profile="a100")
+    assert (cfg.generation.backend, cfg.generation.batch_size, cfg.preference.generation_batch_size) == ("vllm", 256, 256)
+    cfg = load_config({"generation": {"vllm_python": python, "backend": "transformers"}}, profile="a100")
+    assert (cfg.generation.backend, cfg.generation.batch_size) == ("transformers", 1)  # the stable mode
+    missing = str(tmp_path / "nowhere" / "python")
+    assert load_config({"generation": {"vllm_python": missing}}, profile="a100").generation.backend == "transformers"
+    # The backend is a performance setting: switching it keeps every stage's fingerprint.
+    assert cfg.fingerprint() == load_config({"generation": {"vllm_python": python}}, profile="a100").fingerprint()
+
+
+def test_a_run_from_before_the_engines_continues_on_transformers(tmp_path, monkeypatch):
+    import shutil
+
+    from sit_core.config.backend import has_vllm
+    from sit_core.pipeline import resolve_config
+
+    monkeypatch.setenv("SIT_VLLM_PYTHON", fake_vllm_python(tmp_path))
+    has_vllm.cache_clear()
+    assert load_config(None).generation.backend == "vllm"
+    old = tmp_path / "old"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "previous_run", old)
+    cfg, source = resolve_config(old, None, None, None, None)
+    assert cfg.generation.backend == "transformers" and "generation.backend=transformers" in source["overrides"]
+    cfg, _ = resolve_config(old, None, None, None, ["generation.backend=vllm"])
+    assert cfg.generation.backend == "vllm"  # the user's choice wins

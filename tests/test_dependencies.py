@@ -26,6 +26,8 @@ CONSTRAINTS = ROOT / "scripts" / "constraints.txt"
 UNDECLARED = {
     "torch": "scripts/install.sh installs it only when no torch is present: a declared torch would "
              "pull a multi-GB CUDA build on CPU machines and could replace the CUDA build Colab ships",
+    "vllm": "lives in an environment of its own (sit engine install: vLLM's fastapi pin excludes Prefect's "
+            "server); only sit_core/engine/worker.py imports it, run by that environment's interpreter",
     "google.colab": "Colab's own runtime module, which no package installs; sit_core/secrets.py "
                     "imports it inside try/except ImportError, so it is used only on Colab",
 }
