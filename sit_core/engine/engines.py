@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -228,7 +228,6 @@ class Engine:
     impl: LocalEngine | GenerateEngine | EngineProcess
     tokenizer: object
     stops: set[int]
-    after_user: str = field(repr=False)
 
     @property
     def backend(self) -> str:
@@ -243,8 +242,8 @@ class Engine:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How to run one model: `backend` is a resolved one (backend.resolve_backend); `isolated`
-    runs the transformers loop in a killable worker too (batched mode)."""
+    """How to run one model. `backend` is transformers or vllm (auto is resolved when the config
+    loads); `isolated` runs the transformers loop in a killable worker too (batched mode)."""
 
     model: str
     backend: str
@@ -285,7 +284,7 @@ def open_engine(spec: EngineSpec, name: str, tokenizer=None) -> Engine:
     if spec.backend == "transformers" and not spec.isolated:
         lm = load_causal_lm(spec.model, load_in_4bit=spec.load_in_4bit, trust_remote_code=spec.trust_remote_code)
         stops = stop_token_ids(eos_token_ids(lm.model.generation_config), tokenizer, after_user)
-        return Engine(LocalEngine(lm, stops, spec.batch_size), tokenizer, stops, after_user)
+        return Engine(LocalEngine(lm, stops, spec.batch_size), tokenizer, stops)
     path = resolve_model_path(spec.model)
     stops = stop_token_ids(eos_token_ids(path), tokenizer, after_user)
     init = {"backend": spec.backend, "model": path, "stop_ids": sorted(stops),
@@ -299,7 +298,7 @@ def open_engine(spec: EngineSpec, name: str, tokenizer=None) -> Engine:
         init["load_in_4bit"] = spec.load_in_4bit
         python = sys.executable
     process = EngineProcess(python, init, name=name, stall_timeout_s=spec.stall_timeout_s, log_path=spec.log_path)
-    return Engine(process, tokenizer, stops, after_user)
+    return Engine(process, tokenizer, stops)
 
 
 def decode(engine: Engine, completion: Completion) -> str:
@@ -312,4 +311,4 @@ def model_engine(model, tokenizer, batch_size: int = 1) -> Engine:
     transformers' generate()."""
     _, after_user = pre_query_template(tokenizer, None) if getattr(tokenizer, "chat_template", None) else (None, "")
     stops = stop_token_ids(eos_token_ids(model.generation_config), tokenizer, after_user)
-    return Engine(GenerateEngine(model, tokenizer, stops, batch_size), tokenizer, stops, after_user)
+    return Engine(GenerateEngine(model, tokenizer, stops, batch_size), tokenizer, stops)
