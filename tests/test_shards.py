@@ -168,13 +168,15 @@ def test_preference_resume_redoes_only_the_unfinished_shard(pref_one_process, pr
 
 def test_a_stall_in_a_shard_is_recorded_by_the_parent_and_that_shard_falls_back(pref_one_process, tmp_path,
                                                                                  monkeypatch):
-    # Each batched worker's second generate() hangs: only the shard [2, 5) has a second batch.
-    monkeypatch.setenv(HANG_ENV, "2")
+    # One engine per shard serves both models (the same weights at two settings). Its third
+    # call hangs: the shard [0, 2) makes two (a batch per model), the shard [2, 5) four, the
+    # third of which is the second model's first batch.
+    monkeypatch.setenv(HANG_ENV, "3")
     run_dir = pref_run_dir(tmp_path / "run")
     result = run_sharded(run_dir, tmp_path / "home", "preference", [*PREF_OVERRIDES, "preference.stall_timeout_s=4"])
     assert result["preference"]["stats"]["stalls"] == 1
     stalls = [e for e in read_json(run_dir / "preference" / "manifest.json")["events"] if e["event"] == "stall"]
-    assert [(e["shard"], e["model"], e["fallback"]) for e in stalls] == [([2, 5], "greedy", "stable")]
+    assert [(e["shard"], e["model"], e["fallback"]) for e in stalls] == [([2, 5], "hot", "stable")]
     keys = [r["key"] for r in read_jsonl(run_dir / "preference" / "responses.jsonl")]
     assert keys == [r["key"] for r in read_jsonl(pref_one_process / "preference" / "responses.jsonl")]
 
