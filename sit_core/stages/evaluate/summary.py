@@ -111,6 +111,9 @@ def _held_out(cfg: SitConfig, stage_dir: Path, variants: list[str], rows: list[d
             rows.append(_row("dpo", "held_out_pairs", "dpo_reward_accuracy", stats.mean_interval(gains, seed), False))
     if "base" in judged:
         base_tokens = signals["base"]["answers"]["tokens"]
+        # Base against itself ties on every item: the reference the others are compared with.
+        items.setdefault((WIN_RATE, "win_rate"), {})["base"] = [0.5] * len(judged["base"])
+        rows.append(_row("base", WIN_RATE, "win_rate", stats.mean_interval([0.5] * len(judged["base"]), seed), True))
         for variant in [v for v in variants if v in judged and v != "base"]:
             results = stats.outcomes(judged[variant], judged["base"], cfg.preference.min_margin)
             rows.append(_row(variant, WIN_RATE, "win_rate", stats.mean_interval(results, seed), True))
