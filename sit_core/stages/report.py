@@ -146,8 +146,8 @@ def load_run_data(cfg: SitConfig, run_dir: Path) -> dict:
             primary[row["task"]] = row["metric"]
     comparisons = []
     for row in _read_rows(path_of(run_dir, COMPARISONS)):
-        comparisons.append({**row, **{k: _number(row[k]) for k in ("n", "diff", "ci_low", "ci_high", "p_value",
-                                                                    "resolution", "a_better_items", "b_better_items")},
+        comparisons.append({**row, **{k: _number(row[k]) for k in ("diff", "ci_low", "ci_high", "p_value", "resolution")},
+                            **{k: int(row[k]) for k in ("n", "a_better_items", "b_better_items")},
                             "significant": row["significant"].lower() == "true"})
     held = path_of(run_dir, HELD_OUT)
     agent = {}
@@ -777,7 +777,7 @@ def render_markdown(cfg: SitConfig, data: dict, rows: list[dict], charts: list[P
         for c in data["comparisons"]:
             body.append([f"{c['task']} / {c['metric']}", f"{c['variant_a']} − {c['variant_b']}", c["n"],
                          _interval({"value": c["diff"], "ci_low": c["ci_low"], "ci_high": c["ci_high"]}),
-                         f"{_fmt(c['a_better_items'], 0)} / {_fmt(c['b_better_items'], 0)}", _fmt(c["p_value"]),
+                         f"{c['a_better_items']} / {c['b_better_items']}", _fmt(c["p_value"]),
                          "yes" if c["significant"] else "no", c["resolution"]])
         out += ["### Paired comparisons", "",
                 _table(["signal", "difference", "items", "mean difference [95%]", "items better (a / b)",

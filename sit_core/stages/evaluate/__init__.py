@@ -98,7 +98,7 @@ def _adopt_older(cfg: SitConfig, run_dir: Path) -> None:
 
 
 def run(cfg: SitConfig, stage: StageRun) -> dict:
-    from sit_core.stages.evaluate import held_out, summary
+    from sit_core.stages.evaluate import held_out
 
     ev = cfg.evaluation
     run_dir = stage.run_dir
@@ -134,18 +134,11 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
         if not agentbench_file.exists():
             atomic_write_json(agentbench_file, {"rows": run_agentbench(ev.agent.agentbench_path)})
 
-    rows, comparisons, details = summary.summarize(cfg, stage.dir, ready)
-    if data:
-        details.update(instructions=len(data["records"]), pairs=len(data["pairs"]))
-    scores, compared = stage.dir / SCORES, stage.dir / COMPARISONS
-    details_file = stage.dir / summary.HELD_OUT / "summary.json"
-    atomic_write_text(scores, rows_to_csv(rows, SCORE_COLUMNS))
-    atomic_write_text(compared, rows_to_csv(comparisons, summary.COMPARISON_COLUMNS))
-    atomic_write_json(details_file, details)
-    outputs = [scores, compared, details_file, *(stage.dir / "lm_eval" / f"{v}.json" for v in ready if ev.tasks)]
+    rows, outputs = write_tables(cfg, stage.dir, ready, data)
+    outputs += [stage.dir / "lm_eval" / f"{v}.json" for v in ready if ev.tasks]
     outputs += [stage.dir / "agent" / f"{v}.json" for v in ready if ev.agent.enabled]
     if data:
-        outputs += [stage.dir / summary.HELD_OUT / f"{v}.json" for v in ready] + [stage.dir / held_out.JUDGE]
+        outputs += [stage.dir / "held_out" / f"{v}.json" for v in ready] + [stage.dir / held_out.JUDGE]
     if agentbench_file:
         outputs.append(agentbench_file)
     agent = {v: read_json(stage.dir / "agent" / f"{v}.json")["summary"] for v in ready if ev.agent.enabled}
@@ -157,6 +150,22 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
         "agent": agent,
     }
     return stage.finish(outputs, stats)
+
+
+def write_tables(cfg: SitConfig, stage_dir: Path, variants: list[str], data: dict | None) -> tuple[list[dict], list[Path]]:
+    """scores.csv, comparisons.csv and held_out/summary.json from the per-item results of the
+    variants; returns the score rows and the files written."""
+    from sit_core.stages.evaluate import summary
+
+    rows, comparisons, details = summary.summarize(cfg, stage_dir, variants)
+    if data:
+        details.update(instructions=len(data["records"]), pairs=len(data["pairs"]))
+    scores, compared = stage_dir / SCORES, stage_dir / COMPARISONS
+    details_file = stage_dir / summary.HELD_OUT / "summary.json"
+    atomic_write_text(scores, rows_to_csv(rows, SCORE_COLUMNS))
+    atomic_write_text(compared, rows_to_csv(comparisons, summary.COMPARISON_COLUMNS))
+    atomic_write_json(details_file, details)
+    return rows, [scores, compared, details_file]
 
 
 def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: dict | None, step) -> None:

@@ -27,7 +27,7 @@ from sit_core.store.fileio import atomic_write_json, read_json
 KEPT = Read("filter", "kept", optional=True)
 PAIRS = Read("preference", "pairs", optional=True)
 SIGNALS = ("loss", "preference", "answers")
-JUDGE = "judge.json"
+JUDGE = "held_out/judge.json"
 # Each backend that answers, as the report names it beside a variant's answers.
 SAMPLER = "sit sampler (sit_core.engine.sampling)"
 TRANSFORMERS = "transformers generate (PEFT prepends the soft prompt there; sit's sampler cannot)"

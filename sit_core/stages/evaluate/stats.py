@@ -38,8 +38,9 @@ def mean_interval(values: Sequence[float], seed: int, stderr: float | None = Non
     if n == 0:
         return {"value": None, "stderr": None, "ci_low": None, "ci_high": None, "n": 0}
     mean = float(x.mean())
-    if stderr is not None:
-        return {"value": mean, "stderr": stderr, "ci_low": mean - Z95 * stderr, "ci_high": mean + Z95 * stderr, "n": n}
+    if stderr is not None:  # a normal interval, kept within the values' range (a proportion stays in [0, 1])
+        return {"value": mean, "stderr": stderr, "ci_low": max(float(x.min()), mean - Z95 * stderr),
+                "ci_high": min(float(x.max()), mean + Z95 * stderr), "n": n}
     means = x[_rng(seed).integers(0, n, (ITERATIONS, n))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return {"value": mean, "stderr": float(means.std(ddof=1)), "ci_low": float(low), "ci_high": float(high), "n": n}
