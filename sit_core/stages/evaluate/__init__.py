@@ -108,7 +108,7 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
         if status[variant] == "missing":
             stage.event("variant_missing", variant=variant,
                         detail=f"{variant}/final/adapter_config.json does not exist")
-    data = held_out.held_out_data(cfg, run_dir) if path_of(run_dir, held_out.KEPT).exists() else None
+    data = held_out.held_out_data(cfg, run_dir)
     per_variant = len(ev.tasks) + (1 if ev.agent.enabled else 0) + (len(held_out.SIGNALS) + 1 if data else 0)
     total, done = len(ready) * per_variant, 0
 

@@ -33,15 +33,21 @@ SAMPLER = "sit sampler (sit_core.engine.sampling)"
 TRANSFORMERS = "transformers generate (PEFT prepends the soft prompt there; sit's sampler cannot)"
 
 
-def held_out_data(cfg: SitConfig, run_dir: Path) -> dict:
+def held_out_data(cfg: SitConfig, run_dir: Path) -> dict | None:
     """The held-out instructions (SFT's validation split) and pairs (DPO's, when the preference
-    stage ran), split exactly as the training stages split them."""
+    stage ran), split exactly as the training stages split them; None without kept records,
+    and no pairs where there are too few to split (no training stage could have run on them)."""
+    from sit_core.errors import SitError
     from sit_core.training.common import kept_split, pair_split
 
-    _, records = kept_split(cfg, path_of(run_dir, KEPT), "sft")
-    pairs_path = path_of(run_dir, PAIRS)
-    pairs = pair_split(cfg, pairs_path, "dpo")[1] if pairs_path.exists() else []
-    return {"records": records, "pairs": pairs}
+    def held(split, path: Path, stage: str) -> list[dict] | None:
+        try:
+            return split(cfg, path, stage)[1] if path.exists() else None
+        except SitError:
+            return None
+
+    records = held(kept_split, path_of(run_dir, KEPT), "sft")
+    return {"records": records, "pairs": held(pair_split, path_of(run_dir, PAIRS), "dpo") or []} if records else None
 
 
 def sampling(cfg: SitConfig):
