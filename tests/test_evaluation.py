@@ -307,3 +307,31 @@ def test_prompt_tuning_logits_line_up(smollm2_path: Path, tmp_path: Path) -> Non
     assert lm._model_call(inps).shape[1] == 4
     result = lm_eval_runner.evaluate_task(lm, "sit_mc_local", limit=2, seed=42)
     assert 0.0 <= result["results"]["sit_mc_local"]["acc,none"] <= 1.0
+
+
+def test_an_evaluation_from_before_the_held_out_signals_keeps_its_benchmarks(run_dir: Path) -> None:
+    """Its manifest's fingerprint lacks the held-out part: reopened under today's fingerprint as
+    partial, its lm-eval results kept, so a resume computes the held-out signals only."""
+    from sit_core.driver import open_stage
+    from sit_core.stages import evaluate
+
+    cfg = load_config(None, preset="demo", profile="cpu")
+    older = {k: v for k, v in evaluate.fingerprint(cfg).items() if k != "held_out"}
+    open_stage(cfg, run_dir, "evaluate")  # a manifest, then made to look like the older code's
+    manifest = read_json(run_dir / "evaluate" / "manifest.json")
+    manifest.update(fingerprint=older, config_hash="older", status="done")
+    (run_dir / "evaluate" / "manifest.json").write_text(json.dumps(manifest))
+    (run_dir / "evaluate" / "lm_eval").mkdir()
+    (run_dir / "evaluate" / "lm_eval" / "base.json").write_text('{"results": {"sit_mc_local": {}}}')
+
+    reopened = evaluate.check(cfg, run_dir, open_stage)
+    assert reopened.manifest["status"] == "partial"
+    assert reopened.manifest["fingerprint"] == evaluate.fingerprint(cfg)
+    assert [e["event"] for e in reopened.manifest["events"]][-2:] == ["adopted", "resumed"]
+    assert (run_dir / "evaluate" / "lm_eval" / "base.json").exists()
+
+    other = load_config(None, preset="demo", profile="cpu", overrides=["evaluation.limit=2"])
+    manifest.update(fingerprint={**older, "evaluation": other.fingerprint("evaluation")})
+    (run_dir / "evaluate" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SitError, match="different 'evaluate' configuration"):
+        evaluate.check(cfg, run_dir, open_stage)  # other benchmark settings: refused as before

@@ -56,21 +56,22 @@ def sign_test(positive: int, negative: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def resolution(diffs: Sequence[float]) -> float | None:
-    """The smallest mean difference these items could show to be significant: for outcomes that
-    move in steps (accuracy, win/tie/loss), SIGN_TEST_MIN items in one direction out of n; for
-    continuous values, the half-width of a normal interval of the mean difference. None when
-    there are fewer than SIGN_TEST_MIN items: no difference could be significant."""
+def resolution(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """The smallest mean difference these items could show to be significant: for outcomes in
+    steps (accuracy 0/1, win/tie/loss 1/0.5/0), SIGN_TEST_MIN items moved by one step out of n;
+    for continuous values, the half-width of a normal interval of the mean difference. None
+    when there are fewer than SIGN_TEST_MIN items: no difference could be significant."""
     import numpy as np
 
-    d = np.asarray(diffs, dtype=float)
-    n = len(d)
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n = len(x)
     if n < SIGN_TEST_MIN:
         return None
-    nonzero = np.abs(d[d != 0])
-    if d.std() == 0 or np.all(np.isclose(d * 2, np.round(d * 2))):  # outcomes in steps of 1/2 or 1
-        return SIGN_TEST_MIN * (float(nonzero.min()) if nonzero.size else 1.0) / n
-    return float(Z95 * d.std(ddof=1) / math.sqrt(n))
+    both = np.concatenate([x, y])
+    if np.all(np.isin(both, (0.0, 0.5, 1.0))):
+        step = 0.5 if np.any(both == 0.5) else 1.0
+        return SIGN_TEST_MIN * step / n
+    return float(Z95 * (x - y).std(ddof=1) / math.sqrt(n))
 
 
 def paired(a: Sequence[float], b: Sequence[float], seed: int) -> dict:
@@ -86,7 +87,7 @@ def paired(a: Sequence[float], b: Sequence[float], seed: int) -> dict:
     significant = bool(interval["n"] and p < 0.05 and (interval["ci_low"] > 0 or interval["ci_high"] < 0))
     return {"n": interval["n"], "diff": interval["value"], "ci_low": interval["ci_low"],
             "ci_high": interval["ci_high"], "a_better_items": positive, "b_better_items": negative,
-            "p_value": p, "significant": significant, "resolution": resolution(d)}
+            "p_value": p, "significant": significant, "resolution": resolution(a, b)}
 
 
 def outcomes(scores: Sequence[float], base_scores: Sequence[float], tie_margin: float) -> list[float]:
