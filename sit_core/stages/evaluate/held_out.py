@@ -140,20 +140,25 @@ def answer(model, tokenizer, instructions: list[str], seeds: list[int], settings
     if not num_virtual_tokens(model):
         return generate(model, prompts, seeds, settings, stop_ids, pad_id), SAMPLER
     # A soft prompt is prepended inside PEFT's forward on every call, which a KV-cached
-    # decoding loop cannot feed; PEFT's generate handles it. Greedy or seeded sampling alike,
-    # one prompt at a time, so each answer depends on its own seed only.
-    answers = []
-    for prompt, seed in zip(prompts, seeds):
-        torch.manual_seed(seed)
-        ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    # decoding loop cannot feed; PEFT's generate handles it. Greedy answers need no seed and go
+    # in one left-padded batch; sampled ones go one at a time, each from its own seed.
+    device = next(model.parameters()).device
+    groups = [list(range(len(prompts)))] if settings.temperature <= 0 else [[i] for i in range(len(prompts))]
+    answers: list[list[int]] = [[] for _ in prompts]
+    for group in groups:
+        torch.manual_seed(seeds[group[0]])
+        width = max(len(prompts[i]) for i in group)
+        ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in group], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in group], device=device)
         sample = settings.temperature > 0
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
                              do_sample=sample, temperature=settings.temperature if sample else None,
                              top_p=settings.top_p if sample else None, pad_token_id=pad_id,
-                             eos_token_id=sorted(stop_ids))[0].tolist()
-        new = out[len(prompt):] if out[:len(prompt)] == prompt else out
-        cut = next((i for i, t in enumerate(new) if t in stop_ids), len(new))
-        answers.append(new[:cut])
+                             eos_token_id=sorted(stop_ids))
+        echoes = out.shape[1] > width and torch.equal(out[:, :width], ids)  # whether the prompt comes back too
+        for row, i in enumerate(group):
+            new = (out[row, width:] if echoes else out[row]).tolist()
+            answers[i] = new[:next((k for k, t in enumerate(new) if t in stop_ids), len(new))]
     return answers, TRANSFORMERS
 
 
