@@ -143,7 +143,7 @@ def test_report_claims_a_winner_only_beyond_noise(run_dir: Path) -> None:
     numbered = [line for line in summary.splitlines() if re.match(r"\d\. ", line)]
     assert len(numbered) == 5
     assert "**sft** wins" in numbered[0] and "12,156,928 trainable parameters" in numbered[0]
-    assert "within noise" in numbered[2] and "smallest difference 8 items could resolve" in numbered[2]
+    assert "within noise among sft, dpo" in numbered[2] and "smallest difference 8 items could resolve" in numbered[2]
     assert "one seed" in summary
     assert "`sit_mc_local`" in numbered[3] and "4 items are too few" in md
     assert [r["signal"] for r in stats["tables"]["summary"]] == [line[3:] for line in numbered]

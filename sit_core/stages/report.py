@@ -294,14 +294,21 @@ def verdict(data: dict, key: tuple[str, str]) -> dict | None:
         out["reason"] = "no per-item results to compare on (an evaluation from before paired comparisons)"
         return out
     out["against"] = tests
-    good = [tests[v]["significant"] and ((tests[v]["diff"] < 0) if lower else (tests[v]["diff"] > 0)) for v in others]
-    out["significant"] = all(good)
-    runner_up = others[0]
+    ahead = [v for v in others if tests[v]["significant"] and ((tests[v]["diff"] < 0) if lower else (tests[v]["diff"] > 0))]
+    out["significant"] = len(ahead) == len(others)
+    out["beaten"] = ahead  # behind the best beyond noise
+    out["level"] = [v for v in others if v not in ahead]  # within noise of the best
+    runner_up = (out["level"] or others)[0]
     out["runner_up"] = runner_up
     out["margin"] = tests[runner_up]["diff"]
     out["resolution"] = tests[runner_up]["resolution"]
     out["n"] = tests[runner_up]["n"]
     return out
+
+
+def _fmt_diff(value: float | None) -> str:
+    """A difference, with two significant digits where three decimals would show 0.000."""
+    return f"{value:.2g}" if value is not None and 0 < abs(value) < 0.005 else _fmt(value)
 
 
 def verdict_text(key: tuple[str, str], v: dict) -> str:
@@ -310,14 +317,18 @@ def verdict_text(key: tuple[str, str], v: dict) -> str:
         else _fmt(v["value"])
     if v["significant"]:
         return (f"**{v['best']}** wins ({value}); it beats every other variant beyond noise, by "
-                f"{_fmt(abs(v['margin']))} or more (paired, n={v['n']})")
+                f"{_fmt_diff(abs(v['margin']))} or more (paired, n={v['n']})")
     if "reason" in v:
         return f"best point estimate: {v['best']} ({value}); no winner: {v['reason']}"
-    resolvable = (f"the smallest difference {v['n']} items could resolve is {_fmt(v['resolution'])}"
+    resolvable = (f"the smallest difference {v['n']} items could resolve is {_fmt_diff(v['resolution'])}"
                   if v["resolution"] is not None else
                   f"{v['n']} items are too few for any difference to be significant")
-    return (f"within noise: {v['best']} has the best point estimate ({value}), {_fmt(abs(v['margin']))} from "
-            f"{v['runner_up']}; {resolvable}")
+    level = ", ".join([v["best"], *v["level"]])
+    text = (f"within noise among {level}: {v['best']} has the best point estimate ({value}), "
+            f"{_fmt_diff(abs(v['margin']))} from {v['runner_up']}; {resolvable}")
+    if v["beaten"]:
+        text += f"; {v['best']} is ahead of {', '.join(v['beaten'])} beyond noise"
+    return text
 
 
 # ---------------------------------------------------------------------------------------
