@@ -179,7 +179,8 @@ class TrainingConfig(_Section):
     validation_size: int = Field(100, ge=1)
     dpo_validation_size: int | None = Field(
         None, ge=1, json_schema_extra=legacy(None),
-        description="preference pairs held out from DPO (null: validation_size, at most a tenth of the pairs)")
+        description="preference pairs held out from DPO, at most half of them (null: validation_size, at most a "
+                    "tenth of them)")
     completion_only_loss: bool = Field(
         True, json_schema_extra=legacy(False),
         description="SFT and prompt tuning learn the responses only (trl's completion-only loss); false: the "

@@ -273,9 +273,12 @@ def instruction_split(cfg: SitConfig, kept: Path, stage: str) -> tuple[list[dict
 
 def dpo_validation_size(cfg: SitConfig, n_pairs: int) -> int:
     """Preference pairs are scarcer than instructions (600 vs 1,000 in the seed): without
-    training.dpo_validation_size, hold out validation_size pairs but never more than a tenth."""
+    training.dpo_validation_size, hold out validation_size pairs but never more than a tenth;
+    with it, that many but never more than half, so DPO keeps as many to train on."""
     t = cfg.training
-    return t.dpo_validation_size or max(1, min(t.validation_size, n_pairs // 10))
+    if t.dpo_validation_size is None:
+        return max(1, min(t.validation_size, n_pairs // 10))
+    return max(1, min(t.dpo_validation_size, n_pairs // 2))
 
 
 def pair_split(cfg: SitConfig, pairs: Path, stage: str) -> tuple[list[dict], list[dict]]:
