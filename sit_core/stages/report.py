@@ -424,8 +424,9 @@ def response_model_table(stats: dict) -> list[dict]:
 # Charts
 
 CAPTIONS = {
-    "held_out_loss.png": "Mean loss per response token on the held-out instructions, per variant, with 95% bootstrap "
-                         "intervals over instructions. Lower means the variant finds the held-out responses more likely.",
+    "held_out_loss.png": "Each variant's mean loss per response token on the held-out instructions minus base's, "
+                         "paired per instruction, with its 95% paired-bootstrap interval; green where the difference "
+                         "is significant. Below zero: the variant finds the held-out responses more likely than base does.",
     "win_rate.png": "Each variant's answers to the held-out instructions against base's, judged by the pipeline's "
                     "reward scorer: the share of wins, ties and losses. A tie is a score difference below the "
                     "preference stage's minimum margin.",
@@ -462,6 +463,18 @@ def _errors(entries: list[dict]) -> list[list[float]] | None:
     return [[e["value"] - e["ci_low"] for e in entries], [e["ci_high"] - e["value"] for e in entries]]
 
 
+def versus_base(data: dict, key: tuple[str, str]) -> dict[str, dict]:
+    """Each variant's paired difference to base on a signal (variant minus base), with its
+    interval and significance, from the evaluate stage's comparisons."""
+    out = {}
+    for c in data["comparisons"]:
+        if (c["task"], c["metric"]) == key and "base" in (c["variant_a"], c["variant_b"]) and c["diff"] is not None:
+            sign, other = (-1, c["variant_b"]) if c["variant_a"] == "base" else (1, c["variant_a"])
+            low, high = sorted((sign * c["ci_low"], sign * c["ci_high"]))
+            out[other] = {"value": sign * c["diff"], "ci_low": low, "ci_high": high, "significant": c["significant"]}
+    return out
+
+
 def make_charts(cfg: SitConfig, data: dict, rows: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -471,14 +484,16 @@ def make_charts(cfg: SitConfig, data: dict, rows: list[dict], out_dir: Path) -> 
     charts = []
     evaluated = [r for r in rows if r["status"] != MISSING]
 
-    losses = data["signals"].get(HELD_OUT_LOSS, {})
-    if losses:
-        names = [v for v in cfg.evaluation.variants if v in losses]
+    against_base = versus_base(data, HELD_OUT_LOSS)
+    if against_base:
+        names = [v for v in cfg.evaluation.variants if v in against_base]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.bar(names, [losses[v]["value"] for v in names], yerr=_errors([losses[v] for v in names]), capsize=6)
+        ax.bar(names, [against_base[v]["value"] for v in names], yerr=_errors([against_base[v] for v in names]),
+               capsize=6, color=["tab:green" if against_base[v]["significant"] else "tab:gray" for v in names])
+        ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlabel("variant")
-        ax.set_ylabel("mean loss per response token (nats)")
-        ax.set_title("Held-out loss")
+        ax.set_ylabel("held-out loss minus base's (nats per token)")
+        ax.set_title("Held-out loss against base, paired per instruction")
         charts.append(_save(fig, out_dir / "held_out_loss.png"))
         plt.close(fig)
 
