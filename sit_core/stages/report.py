@@ -860,12 +860,18 @@ def _discussion(rows: list[dict], verdicts: dict, missing: list[str], limit: int
 def _conclusion(verdicts: dict) -> list[str]:
     if not verdicts:
         return ["No variant produced scores in this run."]
-    won = {k: v for k, v in verdicts.items() if v["significant"]}
-    if not won:
-        return ["No variant beats the others beyond noise on any signal of this run; see the summary for the "
+    lines = []
+    for key, v in verdicts.items():
+        name = SIGNAL_NAMES.get(key, f"`{key[0]}`")
+        if v["significant"]:
+            lines.append(f"- {name}: {v['best']} wins beyond noise.")
+        elif v.get("beaten"):
+            lines.append(f"- {name}: no single winner; {', '.join([v['best'], *v['level']])} are level within noise, "
+                         f"and {v['best']} is ahead of {', '.join(v['beaten'])} beyond noise.")
+    if not lines:
+        return ["No variant beats another beyond noise on any signal of this run; see the summary for the "
                 "smallest differences its sample sizes could resolve."]
-    return [f"{SIGNAL_NAMES.get(k, k[0])}: {v['best']} wins beyond noise." for k, v in won.items()] + [
-        "See the cost table for what each method needed to get there."]
+    return lines + ["", "Every other signal is within noise. See the cost table for what each method needed."]
 
 
 STAGE = Stage(
