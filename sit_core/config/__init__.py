@@ -225,6 +225,9 @@ class EvaluationConfig(_Section):
         default_factory=lambda: ["base", "sft", "prompt_tuning", "dpo"]
     )
     agent: AgentEvalConfig = Field(default_factory=AgentEvalConfig)
+    answer_max_tokens: int | None = Field(
+        None, ge=1, json_schema_extra=legacy(None),
+        description="length budget of the held-out answers the win rate compares (null: preference.max_new_tokens)")
 
 
 class SitConfig(_Section):

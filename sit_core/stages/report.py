@@ -758,7 +758,7 @@ def render_markdown(cfg: SitConfig, data: dict, rows: list[dict], charts: list[P
                 ["held-out instructions / preference pairs", f"{held.get('instructions', '—')} / {held.get('pairs', '—')}"],
                 ["held-out answers: temperature / top-p / max new tokens",
                  f"{cfg.generation.response_temperature:g} / {cfg.generation.response_top_p:g} / "
-                 f"{cfg.preference.max_new_tokens}"],
+                 f"{cfg.evaluation.answer_max_tokens or cfg.preference.max_new_tokens}"],
                 ["win / tie threshold (score difference)", f"{cfg.preference.min_margin:g}"],
                 ["precision", t.precision], ["evaluation tasks", ", ".join(tasks)],
                 ["examples per task", limit or "all"],

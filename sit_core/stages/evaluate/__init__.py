@@ -30,6 +30,7 @@ from pathlib import Path
 from sit_core.config import SitConfig, at_legacy
 from sit_core.contract import Read, Stage
 from sit_core.stages import path_of
+from sit_core.stages.evaluate import held_out
 from sit_core.stages.evaluate.held_out import KEPT, PAIRS
 from sit_core.store.fileio import atomic_write_json, atomic_write_text, read_json, sha256_json
 from sit_core.store.manifest import StageRun, manifest_path, read_manifest
@@ -63,7 +64,8 @@ def fingerprint(cfg: SitConfig) -> dict:
               if not at_legacy(t, k)}
     return {"target": cfg.models.target, "seed": cfg.seed, "evaluation": cfg.fingerprint("evaluation"),
             "held_out": {**splits, "response_temperature": g.response_temperature, "response_top_p": g.response_top_p,
-                         "max_new_tokens": p.max_new_tokens, "reward_model": cfg.models.reward_model,
+                         "max_new_tokens": held_out.sampling(cfg).max_new_tokens,
+                         "reward_model": cfg.models.reward_model,
                          "reward_type": cfg.models.reward_type, "judge_question": p.judge_question,
                          "reward_max_length": p.reward_max_length, "tie_margin": p.min_margin}}
 
@@ -98,8 +100,6 @@ def _adopt_older(cfg: SitConfig, run_dir: Path) -> None:
 
 
 def run(cfg: SitConfig, stage: StageRun) -> dict:
-    from sit_core.stages.evaluate import held_out
-
     ev = cfg.evaluation
     run_dir = stage.run_dir
     status = variant_status(cfg, run_dir)
@@ -171,7 +171,7 @@ def write_tables(cfg: SitConfig, stage_dir: Path, variants: list[str], data: dic
 def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: dict | None, step) -> None:
     """Evaluate what is still pending for one variant; the model loads only if something is."""
     from sit_core.engine.models import release, resolve_model_path
-    from sit_core.stages.evaluate import held_out, lm_eval_runner
+    from sit_core.stages.evaluate import lm_eval_runner
     from sit_core.stages.evaluate.agent import evaluate_agent
 
     ev = cfg.evaluation

@@ -6,7 +6,7 @@ learned from:
 - `preference`: per held-out preference pair (DPO's validation split), the log-probability
   margin log p(chosen) - log p(rejected) of the responses;
 - `answers`: each variant answers the held-out instructions with the same sampling settings
-  (the pipeline's response settings); the pipeline's reward scorer then scores every answer,
+  (the pipeline's response temperature and top-p, evaluation.answer_max_tokens new tokens); the pipeline's reward scorer then scores every answer,
   and each variant's scores are compared with base's on the same instruction (the win rate).
 
 Each variant's signals are saved in `held_out/<variant>.json` one signal at a time, and the
@@ -56,7 +56,7 @@ def sampling(cfg: SitConfig):
 
     g = cfg.generation
     return Sampling(temperature=g.response_temperature, top_p=g.response_top_p,
-                    max_new_tokens=cfg.preference.max_new_tokens)
+                    max_new_tokens=cfg.evaluation.answer_max_tokens or cfg.preference.max_new_tokens)
 
 
 def pending(path: Path) -> list[str]:
