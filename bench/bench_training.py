@@ -76,8 +76,9 @@ def raw_sft(cfg, run_dir: Path, steps: int, batch: int) -> float:
     model = get_peft_model(common.load_base_model(cfg, hw), common.lora_config(cfg, cfg.training.lora_target_modules))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.sft_learning_rate)
-    train, _ = common.instruction_split(cfg, path_of(run_dir, sft.KEPT), "sft")
-    seqs = [tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"][: cfg.training.max_seq_length]
+    train, _ = common.kept_split(cfg, path_of(run_dir, sft.KEPT), "sft")
+    seqs = [tok.apply_chat_template(common.conversation(r["instruction"], r["response"])["messages"], tokenize=True,
+                                    return_dict=True)["input_ids"][: cfg.training.max_seq_length]
             for r in train]
     batches = [seqs[(i * batch) % len(seqs):][:batch] for i in range(steps)]
 
@@ -108,8 +109,7 @@ def raw_dpo(cfg, run_dir: Path, steps: int, batch: int) -> float:
                                       is_trainable=True)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.dpo_learning_rate)
-    rows = common.read_records(path_of(run_dir, dpo.PAIRS), {"prompt": list}, "preference pair")
-    rows, _ = common.split_records(rows, dpo.validation_size(cfg, len(rows)), cfg.seed, "dpo")
+    rows, _ = common.pair_split(cfg, path_of(run_dir, dpo.PAIRS), "dpo")
 
     def encode(r, answer):
         prompt = tok.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True,

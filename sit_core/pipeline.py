@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from sit_core.config import BATCH_FIELDS, STAGE_ORDER, SitConfig, load_config
+from sit_core.config import BATCH_FIELDS, STAGE_ORDER, SitConfig, load_config, recorded_recipe
 from sit_core.errors import ConfigError, SitError
 from sit_core.driver import Progress, ShardRunner, run_stage
 from sit_core.stages import check_upstream
@@ -43,7 +43,8 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
     """The config for this run, and the source it was built from (recorded in run.json so a
     later `sit run --run-dir D` continues with the same settings, re-detecting the hardware)."""
     record = load_run_record(run_dir) if (Path(run_dir) / RUN_RECORD).exists() else None
-    if config is None and preset is None and record is not None:
+    continuing = config is None and preset is None and record is not None
+    if continuing:
         source = record.get("source") or {}
         config, preset = source.get("config"), source.get("preset")
         overrides = list(source.get("overrides") or []) + list(overrides or [])
@@ -59,8 +60,9 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
         log.info("this run began before sit had generation backends; it goes on with transformers "
                  "(--set generation.backend=vllm switches it)")
     overrides = source["overrides"]
+    recipe = recorded_recipe(record.get("config") or {}, continuing) if record is not None else None
     cfg = load_config(source["config"] if source["config"] is not None else None, preset=preset, profile=profile,
-                      overrides=overrides)
+                      overrides=overrides, recipe=recipe)
     if record is not None and not names_a_batch(source):
         cfg, notes = keep_effective_batches(cfg, record.get("config") or {})
         for note in notes:

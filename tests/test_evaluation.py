@@ -3,6 +3,7 @@ here, lm-eval's IFEval checker on hand-written responses, the agent loop, and ba
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -14,7 +15,7 @@ from sit_core.config import load_config
 from sit_core.errors import SitError
 from sit_core.stages.evaluate import agent, lm_eval_runner
 from sit_core.driver import run_stage
-from sit_core.store.fileio import read_json
+from sit_core.store.fileio import append_jsonl, read_json
 
 TASKS_DIR = Path(lm_eval_runner.__file__).parent / "tasks"
 
@@ -199,12 +200,26 @@ def _train_tiny_lora(base_path: Path, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
 
 
+def _held_out_inputs(run_dir: Path) -> None:
+    """Kept records and preference pairs: 3 records and 2 pairs are held out by the config below."""
+    topics = ["rivers", "bread", "chess", "bees", "owls", "tea"]
+    append_jsonl(run_dir / "filter" / "kept.jsonl", [
+        {"id": i, "instruction": f"Tell me one fact about {t}.", "response": f"People have studied {t} for centuries."}
+        for i, t in enumerate(topics)])
+    append_jsonl(run_dir / "preference" / "pairs.jsonl", [
+        {"id": i, "prompt": [{"role": "user", "content": f"Describe {t} briefly."}],
+         "chosen": [{"role": "assistant", "content": f"{t.capitalize()} are interesting."}],
+         "rejected": [{"role": "assistant", "content": "No."}]} for i, t in enumerate(topics)])
+
+
 @pytest.mark.slow
 def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None:
     _train_tiny_lora(smollm2_path, run_dir / "sft" / "final")
+    _held_out_inputs(run_dir)
     cfg = load_config(None, preset="demo", profile="cpu", overrides=[
         "evaluation.limit=2", 'evaluation.variants=["base","sft","dpo"]',
-        "evaluation.agent.num_tasks=1", "evaluation.agent.max_steps=2"])
+        "evaluation.agent.num_tasks=1", "evaluation.agent.max_steps=2",
+        "training.validation_size=3", "training.dpo_validation_size=2", "preference.max_new_tokens=8"])
     manifest = run_stage(cfg, run_dir, "evaluate")
 
     assert manifest["status"] == "done"
@@ -219,18 +234,47 @@ def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None
         summary = read_json(evaluate / "agent" / f"{variant}.json")["summary"]
         assert summary["num_tasks"] == 1 and 1 <= summary["mean_steps"] <= 2
     assert not (evaluate / "lm_eval" / "dpo.json").exists()
-    primary = {(r["variant"], r["task"]): r["metric"] for r in stats["tables"]["scores"]}
+    primary = {(r["variant"], r["task"]): r["metric"] for r in stats["tables"]["scores"]
+               if r["task"] in cfg.evaluation.tasks}
     assert primary == {("base", "sit_ifeval_local"): "prompt_level_strict_acc", ("base", "sit_mc_local"): "acc",
                        ("sft", "sit_ifeval_local"): "prompt_level_strict_acc", ("sft", "sit_mc_local"): "acc"}
-    lines = (evaluate / "scores.csv").read_text().splitlines()
-    assert lines[0] == "variant,task,metric,value,primary"
-    assert len(lines) == 1 + 2 * (4 + 2)  # four IFEval metrics and two MC metrics per variant
+    with open(evaluate / "scores.csv", encoding="utf-8", newline="") as f:
+        scores = {(r["variant"], r["task"], r["metric"]): r for r in csv.DictReader(f)}
+    assert len([k for k in scores if k[1] in cfg.evaluation.tasks]) == 2 * (4 + 2)  # IFEval's four, MC's two
+    mc = scores[("sft", "sit_mc_local", "acc")]
+    assert float(mc["stderr"]) > 0 and mc["n"] == "2"  # lm-eval's standard error, kept
+    assert float(mc["ci_low"]) <= float(mc["value"]) <= float(mc["ci_high"])
 
-    # Cut short: the sft/sit_mc_local pair is lost. Only that pair is recomputed.
+    # Held-out signals: 3 held-out records, 2 held-out pairs, each answered and judged against base.
+    signals = {v: read_json(evaluate / "held_out" / f"{v}.json") for v in ("base", "sft")}
+    for variant, data in signals.items():
+        assert len(data["loss"]["values"]) == 3 and all(x > 0 for x in data["loss"]["values"])
+        assert len(data["preference"]["margins"]) == 2
+        assert len(data["answers"]["texts"]) == 3 and all(t <= 8 for t in data["answers"]["tokens"])
+        assert data["answers"]["backend"].startswith("sit sampler")
+    assert signals["base"]["loss"] != signals["sft"]["loss"]  # the adapter is applied
+    judged = read_json(evaluate / "held_out" / "judge.json")
+    assert set(judged) == {"base", "sft"} and len(judged["sft"]) == 3
+    win = scores[("sft", "win_rate_vs_base", "win_rate")]
+    assert 0 <= float(win["ci_low"]) <= float(win["value"]) <= float(win["ci_high"]) <= 1
+    for key in (("base", "held_out", "loss"), ("sft", "held_out", "perplexity"), ("sft", "held_out_pairs", "accuracy"),
+                ("sft", "answers", "mean_tokens"), ("sft", "agent", "success_rate")):
+        assert key in scores, key
+    with open(evaluate / "comparisons.csv", encoding="utf-8", newline="") as f:
+        compared = {(r["task"], r["variant_a"], r["variant_b"]) for r in csv.DictReader(f)}
+    assert {("held_out", "base", "sft"), ("win_rate_vs_base", "base", "sft"), ("sit_mc_local", "base", "sft")} <= compared
+
+    # Cut short: the sft/sit_mc_local pair, sft's answers and their scores are lost. Only those
+    # are recomputed; base's results and every other signal stay as they are.
     base_mtime = (evaluate / "lm_eval" / "base.json").stat().st_mtime_ns
+    base_signals_mtime = (evaluate / "held_out" / "base.json").stat().st_mtime_ns
     sft = read_json(evaluate / "lm_eval" / "sft.json")
     del sft["results"]["sit_mc_local"]
     (evaluate / "lm_eval" / "sft.json").write_text(json.dumps(sft))
+    answers = signals["sft"].pop("answers")
+    (evaluate / "held_out" / "sft.json").write_text(json.dumps(signals["sft"]))
+    scored = judged.pop("sft")
+    (evaluate / "held_out" / "judge.json").write_text(json.dumps(judged))
     m = read_json(evaluate / "manifest.json")
     m["status"] = "partial"
     (evaluate / "manifest.json").write_text(json.dumps(m))
@@ -239,6 +283,12 @@ def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None
     evaluated = [e for e in resumed["events"] if e["event"] == "task_evaluated"]
     assert len(evaluated) == before + 1 and evaluated[-1] == {**evaluated[-1], "variant": "sft", "task": "sit_mc_local"}
     assert (evaluate / "lm_eval" / "base.json").stat().st_mtime_ns == base_mtime
+    assert (evaluate / "held_out" / "base.json").stat().st_mtime_ns == base_signals_mtime
+    redone = [(e["variant"], e.get("signal")) for e in resumed["events"][len(m["events"]):]
+              if e["event"] in ("held_out_evaluated", "answers_scored")]
+    assert redone == [("sft", "answers"), ("sft", None)]
+    assert read_json(evaluate / "held_out" / "sft.json")["answers"] == answers  # seeded: as the first time
+    assert read_json(evaluate / "held_out" / "judge.json")["sft"] == scored
     assert resumed["stats"]["tables"]["scores"] == stats["tables"]["scores"]
 
 
@@ -258,3 +308,31 @@ def test_prompt_tuning_logits_line_up(smollm2_path: Path, tmp_path: Path) -> Non
     assert lm._model_call(inps).shape[1] == 4
     result = lm_eval_runner.evaluate_task(lm, "sit_mc_local", limit=2, seed=42)
     assert 0.0 <= result["results"]["sit_mc_local"]["acc,none"] <= 1.0
+
+
+def test_an_evaluation_from_before_the_held_out_signals_keeps_its_benchmarks(run_dir: Path) -> None:
+    """Its manifest's fingerprint lacks the held-out part: reopened under today's fingerprint as
+    partial, its lm-eval results kept, so a resume computes the held-out signals only."""
+    from sit_core.driver import open_stage
+    from sit_core.stages import evaluate
+
+    cfg = load_config(None, preset="demo", profile="cpu")
+    older = {k: v for k, v in evaluate.fingerprint(cfg).items() if k != "held_out"}
+    open_stage(cfg, run_dir, "evaluate")  # a manifest, then made to look like the older code's
+    manifest = read_json(run_dir / "evaluate" / "manifest.json")
+    manifest.update(fingerprint=older, config_hash="older", status="done")
+    (run_dir / "evaluate" / "manifest.json").write_text(json.dumps(manifest))
+    (run_dir / "evaluate" / "lm_eval").mkdir()
+    (run_dir / "evaluate" / "lm_eval" / "base.json").write_text('{"results": {"sit_mc_local": {}}}')
+
+    reopened = evaluate.check(cfg, run_dir, open_stage)
+    assert reopened.manifest["status"] == "partial"
+    assert reopened.manifest["fingerprint"] == evaluate.fingerprint(cfg)
+    assert [e["event"] for e in reopened.manifest["events"]][-2:] == ["adopted", "resumed"]
+    assert (run_dir / "evaluate" / "lm_eval" / "base.json").exists()
+
+    other = load_config(None, preset="demo", profile="cpu", overrides=["evaluation.limit=2"])
+    manifest.update(fingerprint={**older, "evaluation": other.fingerprint("evaluation")})
+    (run_dir / "evaluate" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SitError, match="different 'evaluate' configuration"):
+        evaluate.check(cfg, run_dir, open_stage)  # other benchmark settings: refused as before

@@ -135,3 +135,34 @@ def test_a_stage_the_previous_code_left_partial_resumes_to_the_same_records(tmp_
     assert (stage_dir / "generated.jsonl").read_bytes() == expected
     events = [e["event"] for e in json.loads((stage_dir / "manifest.json").read_text())["events"]]
     assert "resumed" in events
+
+
+def test_a_field_the_previous_run_json_lacks_means_the_old_behaviour(tmp_path):
+    """The previous code trained SFT and prompt tuning on whole conversations and recorded no
+    training.completion_only_loss: continued, its run keeps that, with the fingerprints it
+    recorded, and keeps the demo sizes it started with although the demo preset grew since."""
+    from sit_core.pipeline import resolve_config
+    from sit_core.stages import sft
+    from sit_core.store.rundir import check_run_record
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(PREVIOUS_RUN, run_dir)
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert "completion_only_loss" not in recorded["config"]["training"]
+    cfg, _ = resolve_config(run_dir, None, None, "cpu", None)
+    assert cfg.training.completion_only_loss is False and cfg.training.dpo_validation_size is None
+    assert cfg.filter.target_count == recorded["config"]["filter"]["target_count"] == 12
+    assert cfg.training.validation_size == recorded["config"]["training"]["validation_size"]
+    check_run_record(run_dir, cfg)  # no mismatch
+    assert "completion_only_loss" not in sft.fingerprint(cfg)["training"]
+
+    # A new run trains on the responses only, and the switch is part of the stage's fingerprint.
+    new = load_config(None, preset="demo", profile="cpu")
+    assert new.training.completion_only_loss is True and new.filter.target_count == 16
+    assert sft.fingerprint(new)["training"]["completion_only_loss"] is True
+    full = load_config(None, preset="demo", profile="cpu", overrides=["training.completion_only_loss=false"])
+    assert sft.fingerprint(full) != sft.fingerprint(new)
+    # Asked for on the old run directory, the new behaviour is a change of recipe: refused.
+    changed, _ = resolve_config(run_dir, None, None, "cpu", ["training.completion_only_loss=true"])
+    with pytest.raises(SitError, match="completion_only_loss"):
+        check_run_record(run_dir, changed)

@@ -34,6 +34,14 @@ EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
 PERF = {"perf": True}  # json_schema_extra marker for performance-only fields
 
 
+def legacy(value: Any) -> dict:
+    """json_schema_extra marker of a result-affecting field added after run directories existed:
+    `value` is what a run that predates the field did. A run.json without the field continues
+    with it, and the field enters fingerprints only at another value, so older run directories
+    and their stages keep their fingerprints."""
+    return {"legacy": value}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -183,6 +191,14 @@ class TrainingConfig(_Section):
     prompt_tuning_batch_size: int = Field(4, ge=1, json_schema_extra=PERF)
     prompt_tuning_gradient_accumulation_steps: int | None = Field(None, ge=1, json_schema_extra=PERF)
     validation_size: int = Field(100, ge=1)
+    dpo_validation_size: int | None = Field(
+        None, ge=1, json_schema_extra=legacy(None),
+        description="preference pairs held out from DPO, at most half of them (null: validation_size, at most a "
+                    "tenth of them)")
+    completion_only_loss: bool = Field(
+        True, json_schema_extra=legacy(False),
+        description="SFT and prompt tuning learn the responses only (trl's completion-only loss); false: the "
+                    "whole conversation, instruction included")
     max_seq_length: int = Field(1024, ge=16)
     sft_warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     dpo_warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
@@ -223,6 +239,9 @@ class EvaluationConfig(_Section):
         default_factory=lambda: ["base", "sft", "prompt_tuning", "dpo"]
     )
     agent: AgentEvalConfig = Field(default_factory=AgentEvalConfig)
+    answer_max_tokens: int | None = Field(
+        None, ge=1, json_schema_extra=legacy(None),
+        description="length budget of the held-out answers the win rate compares (null: preference.max_new_tokens)")
 
 
 class SitConfig(_Section):
@@ -275,12 +294,57 @@ def _is_perf(model_cls: type[BaseModel], field: str) -> bool:
     return isinstance(extra, dict) and extra.get("perf") is True
 
 
+def _legacy(model_cls: type[BaseModel], field: str) -> tuple[bool, Any]:
+    """(whether the field carries a legacy value, that value)."""
+    extra = model_cls.model_fields[field].json_schema_extra
+    return (True, extra["legacy"]) if isinstance(extra, dict) and "legacy" in extra else (False, None)
+
+
+def at_legacy(model: BaseModel, field: str) -> bool:
+    """Whether a field holds the value that runs before the field existed had: such a value
+    stays out of fingerprints, so they match the ones those runs recorded."""
+    marked, value = _legacy(type(model), field)
+    return marked and getattr(model, field) == value
+
+
+def recorded_recipe(recorded: dict, continuing: bool) -> dict:
+    """The layer a run directory's run.json (its resolved config, `recorded`) adds under what
+    is given now: the legacy value of each legacy field it lacks, and, when the run continues
+    from its record alone (`continuing`), every result-affecting value it recorded, so a run
+    keeps its recipe when a preset's values change between releases. Keys this version does
+    not know, performance-only fields and the run-level keys (profile, stages, hub mirror)
+    are left to the layers below."""
+    def walk(model_cls: type[BaseModel], data: Any) -> dict:
+        out: dict = {}
+        data = data if isinstance(data, dict) else {}
+        for name, field in model_cls.model_fields.items():
+            if _is_perf(model_cls, name) or (model_cls is SitConfig and name in RUN_LEVEL_KEYS):
+                continue
+            marked, value = _legacy(model_cls, name)
+            sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
+                else None
+            if name not in data:
+                if marked:
+                    out[name] = value
+            elif sub is not None:
+                out[name] = walk(sub, data[name])
+            elif continuing:
+                out[name] = data[name]
+        return out
+
+    return walk(SitConfig, recorded)
+
+
+# Config keys that describe the run rather than its recipe: left out of run.json's fingerprint.
+RUN_LEVEL_KEYS = ("stages", "profile", "hub_repo")
+
+
 def _strip_perf(model: BaseModel, data: Any) -> Any:
     if not isinstance(model, BaseModel):
         return data
     out = {}
     for name, value in data.items():
-        if _is_perf(type(model), name):
+        if _is_perf(type(model), name) or at_legacy(model, name):
             continue
         sub = getattr(model, name)
         if isinstance(sub, BaseModel):
@@ -408,13 +472,15 @@ def load_config(
     preset: str | None = None,
     profile: str | None = None,
     overrides: list[str] | None = None,
+    recipe: dict | None = None,
 ) -> SitConfig:
-    """Resolve defaults < profile < preset < user config < overrides into one SitConfig."""
+    """Resolve defaults < profile < preset < recipe < user config < overrides into one SitConfig.
+    `recipe`: what a run directory being continued recorded (`recorded_recipe`)."""
     user = read_config_file(config) if isinstance(config, (str, Path)) else copy.deepcopy(config or {})
     _check_old_layout(user)
     preset_name = preset or user.pop("preset", None) or ("demo" if config is None else None)
     preset_data = load_preset(preset_name) if preset_name else {}
-    layered = deep_merge(preset_data, user)
+    layered = deep_merge(deep_merge(preset_data, recipe or {}), user)
     for expr in overrides or []:
         layered = deep_merge(layered, parse_override(expr))
     requested = profile or layered.get("profile", "auto")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sit_core.engine import worker
-from sit_core.engine.models import LoadedModel, eos_token_ids, load_causal_lm, load_tokenizer, release, resolve_model_path
+from sit_core.engine.models import eos_token_ids, load_causal_lm, load_tokenizer, release, resolve_model_path
 from sit_core.engine.sampling import Sampling, generate, pre_query_template, stop_token_ids
 from sit_core.config import SitConfig
 from sit_core.config.backend import find_vllm_python
@@ -53,58 +53,62 @@ class LocalEngine:
     """sit's decoding loop in this process, `batch_size` prompts at a time."""
 
     backend = "transformers"
+    description = "sit's seeded decoding loop (sit_core/engine/sampling.py)"
 
-    def __init__(self, lm: LoadedModel, stops: set[int], batch_size: int = 1):
-        self.lm, self.stops, self.batch_size = lm, stops, batch_size
+    def __init__(self, model, pad_id: int, stops: set[int], batch_size: int = 1):
+        self.model, self.pad_id, self.stops, self.batch_size = model, pad_id, stops, batch_size
 
     def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
                  adapter: str | None = None) -> list[Completion]:
         out: list[Completion] = []
         for i in range(0, len(prompts), self.batch_size):
-            for ids in generate(self.lm.model, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
-                                sampling, self.stops, self.lm.tokenizer.pad_token_id):
+            for ids in generate(self.model, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
+                                sampling, self.stops, self.pad_id):
                 out.append(Completion(ids, len(ids) >= sampling.max_new_tokens))
         return out
 
     def close(self) -> None:
-        self.lm = None
+        self.model = None
         release()
 
 
 class GenerateEngine:
     """transformers' own `generate()`, for a model sit's loop cannot feed: PEFT's prompt tuning
-    prepends its soft prompt inside `generate()`. Greedy replies (the evaluation's) do not
-    depend on the seeds; sampled ones are seeded per call, not per row."""
+    prepends its soft prompt inside every forward call, which a KV-cached loop cannot. Greedy
+    requests go in left-padded batches; sampled ones one at a time, each from its own seed."""
 
     backend = "transformers"
+    description = "transformers generate (PEFT prepends the soft prompt there; sit's loop cannot)"
 
-    def __init__(self, model, tokenizer, stops: set[int], batch_size: int = 1):
-        self.model, self.tokenizer, self.stops, self.batch_size = model, tokenizer, stops, batch_size
+    def __init__(self, model, pad_id: int, stops: set[int], batch_size: int = 1):
+        self.model, self.pad_id, self.stops, self.batch_size = model, pad_id, stops, batch_size
 
     def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
                  adapter: str | None = None) -> list[Completion]:
         import torch
 
+        sample = sampling.temperature > 0
+        size = 1 if sample else self.batch_size
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         out: list[Completion] = []
-        for i in range(0, len(prompts), self.batch_size):
-            batch = prompts[i:i + self.batch_size]
+        for i in range(0, len(prompts), size):
+            batch = prompts[i:i + size]
             width = max(len(p) for p in batch)
-            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=device)
+            ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in batch], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            kwargs = {"do_sample": False}
-            if sampling.temperature > 0:
+            if sample:
                 torch.manual_seed(int(seeds[i]))
-                kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
             with torch.no_grad():
-                generated = self.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad,
-                                                eos_token_id=sorted(self.stops),
-                                                max_new_tokens=sampling.max_new_tokens, **kwargs)
-            for row in generated[:, width:].tolist():
+                generated = self.model.generate(
+                    input_ids=ids, attention_mask=mask, pad_token_id=self.pad_id, eos_token_id=sorted(self.stops),
+                    max_new_tokens=sampling.max_new_tokens, do_sample=sample,
+                    temperature=sampling.temperature if sample else None, top_p=sampling.top_p if sample else None)
+            # Whether the prompt comes back in front of the new tokens (it does, but for some PEFT models).
+            echoes = generated.shape[1] > width and torch.equal(generated[:, :width], ids)
+            for row in (generated[:, width:] if echoes else generated).tolist():
                 cut = next((j for j, t in enumerate(row) if t in self.stops), None)
-                out.append(Completion(row[:cut] if cut is not None else row, cut is None and
-                                      len(row) >= sampling.max_new_tokens))
+                out.append(Completion(row[:cut] if cut is not None else row,
+                                      cut is None and len(row) >= sampling.max_new_tokens))
         return out
 
     def close(self) -> None:
@@ -113,6 +117,10 @@ class GenerateEngine:
 
 class EngineProcess:
     """A worker process (worker.py) behind a stall watchdog."""
+
+    @property
+    def description(self) -> str:
+        return f"{self.backend} {self.version} in an engine process"
 
     def __init__(self, python: str, init: dict, *, name: str, stall_timeout_s: float, log_path: Path | None = None):
         self.backend, self.name, self.stall_timeout_s = init["backend"], name, stall_timeout_s
@@ -233,6 +241,11 @@ class Engine:
     def backend(self) -> str:
         return self.impl.backend
 
+    @property
+    def description(self) -> str:
+        """What generated, for a report to name beside the results."""
+        return self.impl.description
+
     def generate(self, prompts, seeds, sampling: Sampling, adapter: str | None = None) -> list[Completion]:
         return self.impl.generate(prompts, seeds, sampling, adapter)
 
@@ -284,7 +297,7 @@ def open_engine(spec: EngineSpec, name: str, tokenizer=None) -> Engine:
     if spec.backend == "transformers" and not spec.isolated:
         lm = load_causal_lm(spec.model, load_in_4bit=spec.load_in_4bit, trust_remote_code=spec.trust_remote_code)
         stops = stop_token_ids(eos_token_ids(lm.model.generation_config), tokenizer, after_user)
-        return Engine(LocalEngine(lm, stops, spec.batch_size), tokenizer, stops)
+        return Engine(LocalEngine(lm.model, _pad_id(tokenizer, stops), stops, spec.batch_size), tokenizer, stops)
     path = resolve_model_path(spec.model)
     stops = stop_token_ids(eos_token_ids(path), tokenizer, after_user)
     init = {"backend": spec.backend, "model": path, "stop_ids": sorted(stops),
@@ -307,8 +320,14 @@ def decode(engine: Engine, completion: Completion) -> str:
 
 
 def model_engine(model, tokenizer, batch_size: int = 1) -> Engine:
-    """An Engine over a model already loaded in this process (base or PEFT), through
-    transformers' generate()."""
-    _, after_user = pre_query_template(tokenizer, None) if getattr(tokenizer, "chat_template", None) else (None, "")
+    """An Engine over a model already loaded in this process (base or PEFT): sit's loop, or
+    transformers' generate() for a soft prompt."""
+    after_user = pre_query_template(tokenizer, None)[1] if getattr(tokenizer, "chat_template", None) else ""
     stops = stop_token_ids(eos_token_ids(model.generation_config), tokenizer, after_user)
-    return Engine(GenerateEngine(model, tokenizer, stops, batch_size), tokenizer, stops)
+    soft_prompt = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+    impl = (GenerateEngine if soft_prompt else LocalEngine)(model, _pad_id(tokenizer, stops), stops, batch_size)
+    return Engine(impl, tokenizer, stops)
+
+
+def _pad_id(tokenizer, stops: set[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)

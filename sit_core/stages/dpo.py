@@ -13,12 +13,11 @@ from pathlib import Path
 from sit_core.config import SitConfig
 from sit_core.contract import Read
 from sit_core.stages import path_of
-from sit_core.training.common import Method, fingerprint as _fingerprint, load_base_model, read_records, split_records, \
-    training_stage
+from sit_core.training.common import Method, fingerprint as _fingerprint, load_base_model, pair_split, training_stage
 
 NAME = "dpo"
 FIELDS = ["dpo_epochs", "dpo_learning_rate", "dpo_beta", "dpo_warmup_ratio", "lr_scheduler_type", "max_steps",
-          "validation_size", "max_seq_length", "qlora"]
+          "validation_size", "dpo_validation_size", "max_seq_length", "qlora"]
 REF_ADAPTER = "ref"  # the name trl gives the frozen copy
 PAIRS = Read("preference", "pairs")
 # The adapter files are inputs: a retrained SFT adapter invalidates DPO work made on the old one.
@@ -27,12 +26,6 @@ SFT_ADAPTER = Read("sft", "adapter", files=("adapter_config.json", "adapter_mode
 
 def fingerprint(cfg: SitConfig) -> dict:
     return _fingerprint(cfg, FIELDS, *cfg.training.batch(NAME))
-
-
-def validation_size(cfg: SitConfig, n_pairs: int) -> int:
-    """Preference pairs are scarcer than instructions (600 vs 1,000 in the seed; 4-8 in the
-    demo): hold out validation_size pairs, but never more than a tenth of them."""
-    return max(1, min(cfg.training.validation_size, n_pairs // 10))
 
 
 def make_dpo_trainer(model, tokenizer, kwargs, train_ds, eval_ds, callbacks, *, beta: float, max_length: int):
@@ -48,9 +41,7 @@ def make_dpo_trainer(model, tokenizer, kwargs, train_ds, eval_ds, callbacks, *, 
 
 
 def method(cfg: SitConfig, run_dir: Path) -> Method:
-    rows = read_records(path_of(run_dir, PAIRS), {"prompt": list, "chosen": list, "rejected": list}, "preference pair")
-    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
-    train, val = split_records(rows, validation_size(cfg, len(rows)), cfg.seed, NAME)
+    train, val = pair_split(cfg, path_of(run_dir, PAIRS), NAME)
     t = cfg.training
     batch, grad_accum = t.batch(NAME)
     adapter = path_of(run_dir, SFT_ADAPTER)

@@ -18,7 +18,7 @@ from sit_core.training.common import Method, fingerprint as _fingerprint, instru
 NAME = "prompt_tuning"
 KEPT = Read("filter", "kept")
 FIELDS = ["prompt_tuning_virtual_tokens", "prompt_tuning_init", "prompt_tuning_learning_rate", "prompt_tuning_epochs",
-          "sft_warmup_ratio", "lr_scheduler_type", "max_steps", "validation_size", "max_seq_length", "qlora"]
+          "sft_warmup_ratio", "lr_scheduler_type", "max_steps", "validation_size", "max_seq_length", "qlora", "completion_only_loss"]
 # TEXT init starts the virtual tokens from the embedding of this text
 INIT_TEXT = "Answer the following instruction helpfully and accurately:"
 
@@ -48,7 +48,8 @@ def method(cfg: SitConfig, run_dir: Path) -> Method:
         warmup_ratio=t.sft_warmup_ratio, batch_size=batch, grad_accum=grad_accum, save_steps=t.sft_save_steps,
         train_rows=train, eval_rows=val, build_model=build_model,
         # the virtual tokens take room in the context, so the text gets that much less
-        make_trainer=lambda *a: make_sft_trainer(*a, max_length=t.max_seq_length - t.prompt_tuning_virtual_tokens),
+        make_trainer=lambda *a: make_sft_trainer(*a, max_length=t.max_seq_length - t.prompt_tuning_virtual_tokens,
+                                                  completion_only_loss=t.completion_only_loss),
         describe={"prompt_tuning_config": {"num_virtual_tokens": t.prompt_tuning_virtual_tokens,
                                            "init": t.prompt_tuning_init}},
     )

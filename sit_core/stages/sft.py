@@ -1,7 +1,9 @@
 """Stage "sft": supervised fine-tuning with LoRA on the kept instruction/response records.
 
 trl's SFTTrainer on the conversational format (the tokenizer's chat template renders each
-record; the loss covers the whole sequence, as in the seed notebook). Settings follow seed
+record). The loss covers the response only (trl's completion-only loss on prompt/completion
+rows), the usual instruction-tuning recipe; training.completion_only_loss=false trains on the
+whole sequence, as the seed notebook did and as run directories from before the switch do. Settings follow seed
 002: r 8, alpha 16, dropout 0.05 on q/k/v/o/gate/up/down, 3 epochs, lr 2e-4, cosine, warmup
 0.03; batch sizes, precision and checkpoint interval come from the hardware profile.
 """
@@ -19,7 +21,7 @@ from sit_core.training.common import Method, check_lora_targets, fingerprint as 
 NAME = "sft"
 KEPT = Read("filter", "kept")
 FIELDS = ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "sft_epochs", "sft_learning_rate",
-          "sft_warmup_ratio", "lr_scheduler_type", "max_steps", "validation_size", "max_seq_length", "qlora"]
+          "sft_warmup_ratio", "lr_scheduler_type", "max_steps", "validation_size", "max_seq_length", "qlora", "completion_only_loss"]
 
 
 def fingerprint(cfg: SitConfig) -> dict:
@@ -41,7 +43,8 @@ def method(cfg: SitConfig, run_dir: Path) -> Method:
         stage=NAME, learning_rate=t.sft_learning_rate, epochs=t.sft_epochs, warmup_ratio=t.sft_warmup_ratio,
         batch_size=batch, grad_accum=grad_accum, save_steps=t.sft_save_steps,
         train_rows=train, eval_rows=val, build_model=build_model,
-        make_trainer=lambda *a: make_sft_trainer(*a, max_length=t.max_seq_length),
+        make_trainer=lambda *a: make_sft_trainer(*a, max_length=t.max_seq_length,
+                                                  completion_only_loss=t.completion_only_loss),
         describe={"lora_config": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
                                   "target_modules": targets}},
     )

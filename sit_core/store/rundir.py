@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from sit_core.config import SitConfig
+from sit_core.config import RUN_LEVEL_KEYS, SitConfig
 from sit_core.errors import CorruptFileError, ResumeMismatchError, RunLockedError, SitError
 from sit_core.store.fileio import atomic_write_json, read_json, sha256_json
 
@@ -167,9 +167,8 @@ def check_run_record(run_dir: Path, cfg: SitConfig) -> tuple[dict, str]:
     fingerprint and its hash (what record_run writes)."""
     path = Path(run_dir) / RUN_RECORD
     fingerprint = cfg.fingerprint()
-    fingerprint.pop("stages", None)
-    fingerprint.pop("profile", None)
-    fingerprint.pop("hub_repo", None)
+    for key in RUN_LEVEL_KEYS:
+        fingerprint.pop(key, None)
     new_hash = sha256_json(fingerprint)
     if path.exists():
         old = load_run_record(run_dir)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sit_core.config import SitConfig
+from sit_core.config import SitConfig, at_legacy
 from sit_core.contract import Read, Stage
 from sit_core.errors import SitError
 from sit_core.store.fileio import atomic_write_json, iter_files, read_json, read_jsonl
@@ -256,19 +256,44 @@ def newest_complete_checkpoint(run: StageRun) -> Path | None:
     return None
 
 
-def instruction_split(cfg: SitConfig, kept: Path, stage: str) -> tuple[list[dict], list[dict]]:
-    """The filter's kept records as chat conversations, split train/validation from the run seed.
-    SFT and prompt tuning both train on it, so both methods see the same split."""
+def kept_split(cfg: SitConfig, kept: Path, stage: str) -> tuple[list[dict], list[dict]]:
+    """The filter's kept records split train/validation from the run seed. SFT and prompt tuning
+    both train on it, and evaluation scores every variant on its validation part."""
     rows = read_records(kept, {"instruction": str, "response": str}, "kept instruction")
-    train, val = split_records(rows, cfg.training.validation_size, cfg.seed, stage)
-    return ([conversation(r["instruction"], r["response"]) for r in train],
-            [conversation(r["instruction"], r["response"]) for r in val])
+    return split_records(rows, cfg.training.validation_size, cfg.seed, stage)
 
 
-def make_sft_trainer(model, tokenizer, kwargs, train_ds, eval_ds, callbacks, *, max_length: int):
+def instruction_split(cfg: SitConfig, kept: Path, stage: str) -> tuple[list[dict], list[dict]]:
+    """`kept_split` as training rows: prompt/completion chats when the loss is on the response
+    only (trl masks the prompt), whole conversations otherwise."""
+    as_row = prompt_completion if cfg.training.completion_only_loss else conversation
+    train, val = kept_split(cfg, kept, stage)
+    return [as_row(r["instruction"], r["response"]) for r in train], [as_row(r["instruction"], r["response"]) for r in val]
+
+
+def dpo_validation_size(cfg: SitConfig, n_pairs: int) -> int:
+    """Preference pairs are scarcer than instructions (600 vs 1,000 in the seed): without
+    training.dpo_validation_size, hold out validation_size pairs but never more than a tenth;
+    with it, that many but never more than half, so DPO keeps as many to train on."""
+    t = cfg.training
+    if t.dpo_validation_size is None:
+        return max(1, min(t.validation_size, n_pairs // 10))
+    return max(1, min(t.dpo_validation_size, n_pairs // 2))
+
+
+def pair_split(cfg: SitConfig, pairs: Path, stage: str) -> tuple[list[dict], list[dict]]:
+    """The preference pairs in TRL's format, split train/validation from the run seed: DPO trains
+    on the first part, and evaluation measures every variant's preferences on the second."""
+    rows = read_records(pairs, {"prompt": list, "chosen": list, "rejected": list}, "preference pair")
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    return split_records(rows, dpo_validation_size(cfg, len(rows)), cfg.seed, stage)
+
+
+def make_sft_trainer(model, tokenizer, kwargs, train_ds, eval_ds, callbacks, *, max_length: int,
+                     completion_only_loss: bool):
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(**kwargs, max_length=max_length, packing=False)
+    args = SFTConfig(**kwargs, max_length=max_length, packing=False, completion_only_loss=completion_only_loss)
     return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, callbacks=callbacks)
 
@@ -348,7 +373,7 @@ def fingerprint(cfg: SitConfig, fields: list[str], batch: int, grad_accum: int) 
         "target": cfg.models.target,
         "trust_remote_code": cfg.models.trust_remote_code,
         "seed": cfg.seed,
-        "training": {k: getattr(cfg.training, k) for k in fields},
+        "training": {k: getattr(cfg.training, k) for k in fields if not at_legacy(cfg.training, k)},
         "effective_batch": effective_batch(batch, grad_accum),
     }
 
@@ -608,3 +633,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
 def conversation(instruction: str, response: str) -> dict:
     return {"messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]}
+
+
+def prompt_completion(instruction: str, response: str) -> dict:
+    return {"prompt": [{"role": "user", "content": instruction}], "completion": [{"role": "assistant", "content": response}]}

@@ -28,6 +28,8 @@ LOCAL_TASKS = ("sit_ifeval_local", "sit_mc_local")
 PRIMARY_METRICS = {"ifeval": "prompt_level_strict_acc", "sit_ifeval_local": "prompt_level_strict_acc",
                    "hellaswag": "acc_norm", "sit_mc_local": "acc", "mmlu": "acc", "truthfulqa_mc2": "acc"}
 PRIMARY_FALLBACK = ("acc", "exact_match", "prompt_level_strict_acc", "f1", "acc_norm")
+STDERR_BOOTSTRAP = 1000
+ITEMS = "sit_items"  # our key in a variant's lm-eval JSON: per-document metric values
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,7 +110,7 @@ def load_lm(model_path: str, adapter: Path | None, batch_size: int, trust_remote
 
         def _model_call(self, inps, attn_mask=None, labels=None):
             logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-            virtual = _num_virtual_tokens(self.model)
+            virtual = num_virtual_tokens(self.model)
             return logits[:, virtual:, :] if virtual and logits.shape[1] == inps.shape[1] + virtual else logits
 
     device, dtype = _device_and_dtype()
@@ -119,7 +121,8 @@ def load_lm(model_path: str, adapter: Path | None, batch_size: int, trust_remote
                    dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
 
 
-def _num_virtual_tokens(model) -> int:
+def num_virtual_tokens(model) -> int:
+    """How many soft-prompt positions a prompt-tuned PeftModel prepends (0 for any other model)."""
     config = getattr(model, "active_peft_config", None)
     if config is not None and getattr(config, "is_prompt_learning", False):
         return int(config.num_virtual_tokens)
@@ -138,20 +141,32 @@ def evaluate_task(lm, task: str, *, limit: int | None, seed: int) -> dict:
     # as a user would prompt it; log-likelihood benchmarks are scored on raw text as usual.
     chat = generative and bool(getattr(lm.tokenizer, "chat_template", None))
     try:
-        out = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=tm, log_samples=False,
+        # bootstrap_iters > 0 keeps lm-eval's standard errors (closed-form for means).
+        out = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=tm, log_samples=True,
                               apply_chat_template=chat, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+                              torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=STDERR_BOOTSTRAP)
     except Exception as e:  # noqa: BLE001 - only a missing network is translated; the rest re-raises
         if task not in LOCAL_TASKS and _is_network_failure(e):
             raise _offline_error([task], "and the Hub cannot be reached from here") from None
         raise
+    samples = out.pop("samples", {})
+    out[ITEMS] = {name: per_item(rows) for name, rows in samples.items()}
     return json.loads(json.dumps(out, default=handle_non_serializable))
 
 
-def metric_rows(variant: str, result: dict) -> list[dict]:
-    """Tidy rows (variant, task, metric, value, primary) from one lm-eval result JSON.
+def per_item(samples: list[dict]) -> dict:
+    """Each scalar metric per document, in doc_id order: what paired comparisons between
+    variants need (the full per-sample log, prompts and outputs, is left out)."""
+    rows = sorted(samples, key=lambda s: s["doc_id"])
+    names = [m for m in (rows[0].get("metrics") or []) if isinstance(rows[0].get(m), (int, float))] if rows else []
+    return {"doc_ids": [s["doc_id"] for s in rows], "metrics": {m: [float(s[m]) for s in rows] for m in names}}
 
-    lm-eval keys metrics as "name,filter" ("acc,none"); standard errors and aliases are left out."""
+
+def metric_rows(variant: str, result: dict) -> list[dict]:
+    """Tidy rows (variant, task, metric, value, stderr, n, primary) from one lm-eval result JSON.
+
+    lm-eval keys metrics as "name,filter" ("acc,none") and their standard errors as
+    "name_stderr,filter" ("N/A" where it has none); aliases are left out."""
     rows = []
     for task, metrics in result.get("results", {}).items():
         names = [k for k in metrics if "," in k and "_stderr" not in k and isinstance(metrics[k], (int, float))]
@@ -162,6 +177,9 @@ def metric_rows(variant: str, result: dict) -> list[dict]:
         wanted = [PRIMARY_METRICS.get(task), *PRIMARY_FALLBACK]
         primary = next((base[w] for w in wanted if w in base), names[0])
         for key in names:
-            rows.append({"variant": variant, "task": task, "metric": key.split(",")[0],
-                         "value": float(metrics[key]), "primary": key == primary})
+            name, filt = key.split(",", 1)
+            stderr = metrics.get(f"{name}_stderr,{filt}")
+            rows.append({"variant": variant, "task": task, "metric": name, "value": float(metrics[key]),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                         "n": metrics.get("sample_len"), "primary": key == primary})
     return rows
