@@ -219,7 +219,7 @@ def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None
     cfg = load_config(None, preset="demo", profile="cpu", overrides=[
         "evaluation.limit=2", 'evaluation.variants=["base","sft","dpo"]',
         "evaluation.agent.num_tasks=1", "evaluation.agent.max_steps=2",
-        "training.validation_size=3", "training.dpo_validation_size=2", "preference.max_new_tokens=8"])
+        "training.validation_size=3", "training.dpo_validation_size=2", "evaluation.answer_max_tokens=8"])
     manifest = run_stage(cfg, run_dir, "evaluate")
 
     assert manifest["status"] == "done"
@@ -251,7 +251,7 @@ def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None
         assert len(data["loss"]["values"]) == 3 and all(x > 0 for x in data["loss"]["values"])
         assert len(data["preference"]["margins"]) == 2
         assert len(data["answers"]["texts"]) == 3 and all(t <= 8 for t in data["answers"]["tokens"])
-        assert data["answers"]["backend"].startswith("sit sampler")
+        assert data["answers"]["backend"].startswith("sit's seeded decoding loop")
     assert signals["base"]["loss"] != signals["sft"]["loss"]  # the adapter is applied
     judged = read_json(evaluate / "held_out" / "judge.json")
     assert set(judged) == {"base", "sft"} and len(judged["sft"]) == 3
