@@ -74,6 +74,22 @@ def one_thread_per_process():
         os.environ["OMP_NUM_THREADS"] = before_env
 
 
+def sigkill_when(child, ready, within_s: float = HANG_GUARD_S) -> None:
+    """SIGKILL `child` (a Popen) as soon as `ready()` holds, as a crash mid-stage would; fails if
+    the child ends first. Always reaps it."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline and child.poll() is None and not ready():
+            time.sleep(0.2)
+        assert child.poll() is None, "the child finished before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+
+
 def engine_processes() -> list[int]:
     """Live generation-engine workers (sit_core/engine/worker.py) started from this process."""
     from sit_core.engine import worker

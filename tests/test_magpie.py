@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import sigkill_when
 
 from sit_core.driver import run_stage
 from sit_core.stages.generate import magpie
@@ -60,14 +60,7 @@ def test_kill_and_resume_gives_identical_records(tmp_path, smollm2_path):
     log = killed / "generate" / "attempts.jsonl"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(killed), *OVERRIDES],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    deadline = time.time() + 300
-    while time.time() < deadline and child.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.2)
-    assert child.poll() is None, "the child finished before it could be killed"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    sigkill_when(child, lambda: log.exists() and len(log.read_text().splitlines()) >= 4)
     done_before = len(read_jsonl(log))
     assert 4 <= done_before < 12
     with open(log, "a") as f:  # a torn last line, as from a kill mid-append

@@ -8,11 +8,8 @@ Each engine start costs about half a minute here, so every test starts as few as
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from sit_core.driver import run_stage
 from sit_core.engine.worker import HANG_ENV
 from sit_core.store.fileio import read_jsonl
 
-from conftest import engine_processes
+from conftest import engine_processes, sigkill_when
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_process")
 
@@ -59,16 +56,7 @@ def test_magpie_on_vllm_killed_and_resumed_writes_the_uninterrupted_records(tmp_
     overrides = ["generation.backend=vllm", f"generation.vllm_python={vllm_python}", *MAGPIE]
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(killed), *overrides],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and child.poll() is None:
-            if log.exists() and len(log.read_text().splitlines()) >= 4:
-                break
-            time.sleep(0.2)
-        assert child.poll() is None, "the child finished before it could be killed"
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.wait()
+    sigkill_when(child, lambda: log.exists() and len(log.read_text().splitlines()) >= 4)
     assert 4 <= len(read_jsonl(log)) < 12
     with open(log, "a") as f:  # a torn last line, as from a kill mid-append
         f.write('{"index": 99, "status": "ok", "instr')
