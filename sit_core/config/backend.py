@@ -37,14 +37,19 @@ def vllm_python_candidates(configured: str | None) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def has_vllm(python: str) -> bool:
+def has_module(python: str, module: str) -> bool:
+    """Whether `module` can be found by the interpreter `python` (without importing it)."""
     if python == sys.executable:
-        return importlib.util.find_spec("vllm") is not None
+        return importlib.util.find_spec(module) is not None
     if not Path(python).exists():
         return False
-    probe = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
+    probe = subprocess.run([python, "-c", f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"],
                            capture_output=True, timeout=60)
     return probe.returncode == 0
+
+
+def has_vllm(python: str) -> bool:
+    return has_module(python, "vllm")
 
 
 def find_vllm_python(configured: str | None = None) -> str | None:

@@ -166,14 +166,25 @@ class EngineProcess:
             raise SitError(f"the {self.backend} engine could not load '{self.name}': {message['error']}",
                            "check the model id or path and that it fits in memory; with generation.backend=vllm, "
                            "check the vLLM environment (`sit engine check`), or set generation.backend=transformers")
+        self.backend = message["ready"]["backend"]
         return message["ready"]["version"]
 
     def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
                  adapter: str | None = None) -> list[Completion]:
         """One call's completions. Raises EngineFailed, after killing the worker, on a stall or crash."""
-        self._send({"generate": {"sampling": asdict(sampling),
-                                 "requests": [{"prompt": list(p), "seed": int(s), "adapter": adapter}
-                                              for p, s in zip(prompts, seeds)]}})
+        done = self._call({"generate": {"sampling": asdict(sampling),
+                                        "requests": [{"prompt": list(p), "seed": int(s), "adapter": adapter}
+                                                     for p, s in zip(prompts, seeds)]}})
+        return [Completion(d["ids"], d["truncated"]) for d in done]
+
+    def lm_eval(self, task: str, *, adapter: str | None, tokenizer: str, limit: int | None, seed: int) -> dict:
+        """lm-eval's result JSON for one task on a worker started with backend "lm_eval"."""
+        return self._call({"lm_eval": {"task": task, "adapter": adapter, "tokenizer": tokenizer, "limit": limit,
+                                       "seed": seed}})
+
+    def _call(self, message: dict):
+        """Send one call and wait for its answer while heartbeats come in."""
+        self._send(message)
         last_progress = time.monotonic()
         while True:
             try:
@@ -188,7 +199,9 @@ class EngineProcess:
             if message is None:
                 raise EngineFailed(self._died())
             if "done" in message:
-                return [Completion(d["ids"], d["truncated"]) for d in message["done"]]
+                return message["done"]
+            if "failed" in message:
+                raise EngineFailed(f"the {self.backend} engine for '{self.name}' failed: {message['failed']}")
             last_progress = time.monotonic()  # a heartbeat
 
     def kill(self) -> None:
@@ -286,8 +299,10 @@ def engine_spec(cfg: SitConfig, model: str, *, stable: bool = False, isolated: b
                       gpu_memory_utilization=gen.gpu_memory_utilization, **settings)
 
 
-def open_engine(spec: EngineSpec, name: str, tokenizer=None) -> Engine:
-    """Start the engine `spec` describes; `name` labels it in errors (a model or variant name)."""
+def open_engine(spec: EngineSpec, name: str, tokenizer=None, *, lm_eval: dict | None = None) -> Engine:
+    """Start the engine `spec` describes; `name` labels it in errors (a model or variant name).
+    With `lm_eval` (harness.py's path, the task folder and the NLTK data; vLLM only), the engine
+    is lm-eval's vLLM model and also takes `impl.lm_eval(...)` calls."""
     if spec.backend == "vllm" and spec.vllm_python is None:
         from sit_core.engine.backend import check
 
@@ -306,6 +321,8 @@ def open_engine(spec: EngineSpec, name: str, tokenizer=None) -> Engine:
         from sit_core.engine.backend import vllm_init
 
         init.update(vllm_init(spec))
+        if lm_eval is not None:
+            init.update(backend="lm_eval", **lm_eval)
         python = spec.vllm_python
     else:
         init["load_in_4bit"] = spec.load_in_4bit

@@ -784,13 +784,20 @@ def render_markdown(cfg: SitConfig, data: dict, rows: list[dict], charts: list[P
                        "differences within noise are an honest outcome, not a failure of the comparison."
                        if cfg.models.reward_model == cfg.models.target else
                        ", a chat model asked a yes/no question; a weak judge at small sizes.") , ""]
+    scored_by = data["held_out"].get("scored_by", {})
     out += ["### Benchmarks", "",
-            _table(["variant", "status", *tasks, "agent success", "agent valid calls"],
+            _table(["variant", "status", *tasks, "agent success", "agent valid calls", "scored by"],
                    [[r["variant"], r["status"], *(_interval({"value": r[x], "ci_low": r.get(f"{x}_ci_low"),
                                                              "ci_high": r.get(f"{x}_ci_high")}) for x in tasks),
                      _interval({"value": r["agent_success_rate"], "ci_low": r.get("agent_success_rate_ci_low"),
-                                "ci_high": r.get("agent_success_rate_ci_high")}), r["agent_valid_call_rate"]]
+                                "ci_high": r.get("agent_success_rate_ci_high")}), r["agent_valid_call_rate"],
+                     "; ".join(scored_by.get(r["variant"], [])) or "—"]
                     for r in rows]), ""]
+    if len({tuple(b) for b in scored_by.values()}) > 1:
+        out += ["The benchmarks were not all scored through one backend (vLLM runs no soft prompts, so prompt "
+                "tuning is scored on transformers): *scored by* names each variant's. The backends' numerics "
+                "differ slightly, so small differences between variants on different backends are not "
+                "evidence.", ""]
     out += ["### Winner per signal", "", "A variant wins only where it beats every other one beyond noise on the "
             "same items (paired bootstrap and sign test, 95%).", ""]
     for key, v in verdicts.items():

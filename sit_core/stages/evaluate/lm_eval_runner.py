@@ -1,8 +1,10 @@
 """lm-evaluation-harness for one model variant, one task at a time.
 
-We call lm-eval's Python API (`simple_evaluate`) with its HF wrapper (`HFLM`) and let it
-load adapters itself (`peft=`). Tasks are evaluated one by one against the same loaded
-model so that the stage can save after each (variant, task) pair and resume between them.
+We call lm-eval's Python API (`simple_evaluate`, in harness.py) with its HF wrapper (`HFLM`)
+and let it load adapters itself (`peft=`), or, on the vLLM backend, with lm-eval's own vLLM
+model in the engine process (the evaluate stage's `_lm_eval_on_vllm`). Tasks are evaluated
+one by one against the same loaded model so that the stage can save after each (variant,
+task) pair and resume between them.
 
 Our offline tasks live in `tasks/` beside this file in lm-eval's YAML format and are found
 through `TaskManager(include_path=...)`, next to every task lm-eval ships.
@@ -11,13 +13,15 @@ through `TaskManager(include_path=...)`, next to every task lm-eval ships.
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from sit_core.errors import SitError
+from sit_core.stages.evaluate import harness
+from sit_core.stages.evaluate.harness import ITEMS
+
+__all__ = ["ITEMS", "check_tasks", "evaluate_task", "load_lm", "metric_rows", "num_virtual_tokens"]
 
 LOCAL_TASKS_DIR = Path(__file__).parent / "tasks"
 LOCAL_TASKS = ("sit_ifeval_local", "sit_mc_local")
@@ -28,16 +32,15 @@ LOCAL_TASKS = ("sit_ifeval_local", "sit_mc_local")
 PRIMARY_METRICS = {"ifeval": "prompt_level_strict_acc", "sit_ifeval_local": "prompt_level_strict_acc",
                    "hellaswag": "acc_norm", "sit_mc_local": "acc", "mmlu": "acc", "truthfulqa_mc2": "acc"}
 PRIMARY_FALLBACK = ("acc", "exact_match", "prompt_level_strict_acc", "f1", "acc_norm")
-STDERR_BOOTSTRAP = 1000
-ITEMS = "sit_items"  # our key in a variant's lm-eval JSON: per-document metric values
 
 
-@functools.lru_cache(maxsize=1)
 def task_manager():
-    """lm-eval's task index plus ours. Building it scans ~15k YAML files (seconds), so once."""
-    from lm_eval.tasks import TaskManager
+    return harness.task_manager(str(LOCAL_TASKS_DIR))
 
-    return TaskManager(include_path=str(LOCAL_TASKS_DIR))
+
+def is_generative(task: str) -> bool:
+    """Whether lm-eval scores the task on generated text (ifeval), not on log-likelihoods."""
+    return harness.is_generative(task, str(LOCAL_TASKS_DIR))
 
 
 def hub_offline() -> bool:
@@ -114,11 +117,36 @@ def load_lm(model_path: str, adapter: Path | None, batch_size: int, trust_remote
             return logits[:, virtual:, :] if virtual and logits.shape[1] == inps.shape[1] + virtual else logits
 
     device, dtype = _device_and_dtype()
-    # Training saves its tokenizer beside the adapter; it may carry a chat template the base
-    # model lacks (a non-instruct target), and the adapter was trained with that template.
-    tokenizer = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else None
-    return SitHFLM(pretrained=model_path, peft=str(adapter) if adapter else None, tokenizer=tokenizer, device=device,
-                   dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    return SitHFLM(pretrained=model_path, peft=str(adapter) if adapter else None,
+                   tokenizer=tokenizer_dir(model_path, adapter), device=device, dtype=dtype, batch_size=batch_size,
+                   trust_remote_code=trust_remote_code)
+
+
+def tokenizer_dir(model_path: str, adapter: Path | None) -> str:
+    """Training saves its tokenizer beside the adapter; it may carry a chat template the base
+    model lacks (a non-instruct target), and the adapter was trained with that template."""
+    return str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
+
+
+def description(lm) -> str:
+    """What scored, for the report: the HF model in this process."""
+    import lm_eval
+    import transformers
+
+    return f"transformers {transformers.__version__} (lm-eval {lm_eval.__version__}) in this process"
+
+
+# lm-eval's vLLM engine is sized for this context (its KV cache holds one full sequence); lm-eval
+# truncates longer prompts to it. The seeds' benchmarks (mmlu 5-shot, ifeval with its 1,280
+# answer tokens, hellaswag, truthfulqa) stay well below.
+MAX_VLLM_CONTEXT = 4096
+
+
+def vllm_context(model_path: str, trust_remote_code: bool) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    return min(getattr(config, "max_position_embeddings", None) or MAX_VLLM_CONTEXT, MAX_VLLM_CONTEXT)
 
 
 def num_virtual_tokens(model) -> int:
@@ -130,36 +158,20 @@ def num_virtual_tokens(model) -> int:
 
 
 def evaluate_task(lm, task: str, *, limit: int | None, seed: int) -> dict:
-    """lm-eval's result JSON for one task, made JSON-safe (per-sample logs are left out)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.utils import handle_non_serializable
-
-    tm = task_manager()
-    entry = tm.task_index.get(task)
-    generative = entry is not None and (entry.cfg or {}).get("output_type") == "generate_until"
-    # Instruction-following prompts go through the model's chat template when it has one,
-    # as a user would prompt it; log-likelihood benchmarks are scored on raw text as usual.
-    chat = generative and bool(getattr(lm.tokenizer, "chat_template", None))
+    """lm-eval's result JSON for one task (harness.evaluate_task), a missing network named."""
     try:
-        # bootstrap_iters > 0 keeps lm-eval's standard errors (closed-form for means).
-        out = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=tm, log_samples=True,
-                              apply_chat_template=chat, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=STDERR_BOOTSTRAP)
+        return harness.evaluate_task(lm, task, limit=limit, seed=seed, include_path=str(LOCAL_TASKS_DIR))
     except Exception as e:  # noqa: BLE001 - only a missing network is translated; the rest re-raises
-        if task not in LOCAL_TASKS and _is_network_failure(e):
-            raise _offline_error([task], "and the Hub cannot be reached from here") from None
+        if (error := network_error(task, e)) is not None:
+            raise error from None
         raise
-    samples = out.pop("samples", {})
-    out[ITEMS] = {name: per_item(rows) for name, rows in samples.items()}
-    return json.loads(json.dumps(out, default=handle_non_serializable))
 
 
-def per_item(samples: list[dict]) -> dict:
-    """Each scalar metric per document, in doc_id order: what paired comparisons between
-    variants need (the full per-sample log, prompts and outputs, is left out)."""
-    rows = sorted(samples, key=lambda s: s["doc_id"])
-    names = [m for m in (rows[0].get("metrics") or []) if isinstance(rows[0].get(m), (int, float))] if rows else []
-    return {"doc_ids": [s["doc_id"] for s in rows], "metrics": {m: [float(s[m]) for s in rows] for m in names}}
+def network_error(task: str, exc: BaseException) -> SitError | None:
+    """The SitError for a hub task that failed for want of a network, else None."""
+    if task not in LOCAL_TASKS and _is_network_failure(exc):
+        return _offline_error([task], "and the Hub cannot be reached from here")
+    return None
 
 
 def metric_rows(variant: str, result: dict) -> list[dict]:

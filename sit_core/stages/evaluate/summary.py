@@ -1,6 +1,7 @@
 """From the per-item results to the stage's tables: every score with its uncertainty
 (`scores.csv`), every pair of variants compared on the same items (`comparisons.csv`), and the
-held-out details the report shows (`held_out/summary.json`).
+held-out details the report shows (`held_out/summary.json`, with the backend that scored each
+variant's benchmarks).
 
 A signal is (task, metric). Each has per-item values per variant where the stage has them:
 lm-eval's per-document metrics, the agent's per-task successes, and the held-out signals.
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from sit_core.config import SitConfig
 from sit_core.stages.evaluate import held_out, stats
-from sit_core.stages.evaluate.lm_eval_runner import ITEMS, metric_rows
+from sit_core.stages.evaluate.harness import ITEMS, SCORED_BY
+from sit_core.stages.evaluate.lm_eval_runner import metric_rows
 from sit_core.store.fileio import read_json
 
 HELD_OUT = "held_out"
@@ -41,11 +43,14 @@ def summarize(cfg: SitConfig, stage_dir: Path, variants: list[str]) -> tuple[lis
     """(score rows, comparison rows, held-out details)."""
     rows: list[dict] = []
     items: dict[tuple[str, str], dict[str, list[float]]] = {}
+    scored_by: dict[str, list[str]] = {}
     seed = cfg.seed
     for variant in variants:
         path = stage_dir / "lm_eval" / f"{variant}.json"
         result = read_json(path) if path.exists() else {}
         per_doc = result.get(ITEMS, {})
+        if backends := sorted(set(result.get(SCORED_BY, {}).values())):
+            scored_by[variant] = backends
         for r in metric_rows(variant, result):
             values = per_doc.get(r["task"], {}).get("metrics", {}).get(r["metric"])
             interval = stats.mean_interval(values, seed, r["stderr"]) if values else \
@@ -62,7 +67,7 @@ def summarize(cfg: SitConfig, stage_dir: Path, variants: list[str]) -> tuple[lis
             if successes:
                 rows.append(_row(variant, "agent", "success_rate", stats.mean_interval(successes, seed), True))
                 items.setdefault(("agent", "success_rate"), {})[variant] = successes
-    details = _held_out(cfg, stage_dir, variants, rows, items)
+    details = {**_held_out(cfg, stage_dir, variants, rows, items), "scored_by": scored_by}
     comparisons = []
     for (task, metric), per_variant in items.items():
         if (task, metric) in UNRANKED:
