@@ -330,8 +330,10 @@ class RayRunner:
             except ray.exceptions.RayTaskError as e:  # the shard's own error, as raised there
                 raise (e.cause if e.cause is not None else e) from None
             except ray.exceptions.RayError as e:  # the node or its worker died: retry from the log
-                retries.append({"event": "shard_retried", "attempt": attempt, "resumed_from_lines":
-                                saved.count(b"\n"), "saved_lines": _saved_lines(log).count(b"\n"),
+                # from_line: where the lost attempt started; resumes_at_line: what the parent had
+                # saved of it, where the next attempt starts.
+                retries.append({"event": "shard_retried", "attempt": attempt, "from_line": saved.count(b"\n"),
+                                "resumes_at_line": _saved_lines(log).count(b"\n"),
                                 "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
                 if attempt == ATTEMPTS:
                     raise SitError(f"shard {list(shard)} of {self.stage} failed on the Ray cluster {ATTEMPTS} times "
