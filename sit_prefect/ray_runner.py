@@ -230,7 +230,8 @@ def shard_task(stage: str, phase: str, config: dict, shard: list[int], params: d
                 break
         if "error" in outcome:
             raise outcome["error"]
-        yield {"timing": {"started": started, "unpack_s": unpacked - started, "work_s": time.time() - unpacked}}
+        yield {"timing": {"node": ray.get_runtime_context().get_node_id()[:12], "started": started,
+                          "inputs_s": unpacked - started, "work_s": time.time() - unpacked}}
         yield outcome["summary"]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -266,8 +267,6 @@ class RayRunner:
             self.resources, self.size = {"num_gpus": 1, "num_cpus": 1}, cluster.gpus
         else:
             self.resources, self.size = {"num_cpus": 1}, max(1, cluster.cpus)
-        # Per shard: where its time went (bench/bench_ray.py prints it).
-        self.timings: list[dict] = []
 
     def run_wave(self, phase: Phase, cfg: SitConfig, run_dir: Path, wave: list[Shard],
                  params: dict) -> Iterator[dict]:
@@ -341,8 +340,18 @@ class RayRunner:
                                    "check `ray status` and the nodes' logs, then rerun the same command: "
                                    "every saved batch is kept") from None
                 continue
-            self.timings.append({"phase": phase.name, "shard": list(shard), "submitted": submitted,
-                                 "finished": time.time(), "save_s": saving, **timing})
-            # The parent files these with the shard's events (Phase.record); a retry shows
-            # where the shard resumed, so what a lost node cost is on record.
-            return {**summary, "events": [*retries, *summary.get("events", [])]}
+            # The parent files these with the shard's events (Phase.record): a retry shows where
+            # the shard resumed, so what a lost node cost is on record, and `ray_shard` where the
+            # shard's time went (bench/bench_ray.py reads it). queued_s: from submission to the
+            # task's start (scheduling, a worker process, the arguments); inputs_s: fetching and
+            # unpacking the run's files; work_s: the shard's work on the node (its model load
+            # included, which the work's `engine_started` events give); drain_s: from the work's
+            # end to its last batch and summary reaching the parent; save_s: the parent's appends.
+            finished = time.time()
+            timing_event = {"event": "ray_shard", "node": timing["node"], "attempt": attempt,
+                            "wall_s": round(finished - submitted, 3),
+                            "queued_s": round(timing["started"] - submitted, 3),
+                            "inputs_s": round(timing["inputs_s"], 3), "work_s": round(timing["work_s"], 3),
+                            "drain_s": round(finished - timing["started"] - timing["inputs_s"] - timing["work_s"], 3),
+                            "save_s": round(saving, 3)}
+            return {**summary, "events": [*retries, timing_event, *summary.get("events", [])]}
