@@ -71,15 +71,20 @@ def sit_build() -> str:
     return f"{importlib.metadata.version('sit')}+{digest.hexdigest()[:12]}"
 
 
-def node_report() -> dict:
-    """What this machine runs and has; the parent compares every node's with its own."""
+def versions() -> dict:
+    """What every node must run alike."""
     import ray
 
+    return {"python": platform.python_version(), "ray": ray.__version__, "sit": sit_build()}
+
+
+def node_report() -> dict:
+    """What a node runs and has: its versions, and the hardware profile and generation backend
+    that `auto` means there."""
     from sit_core.config.backend import detect_backend
     from sit_core.config.profiles import detect_profile
 
-    return {"node": platform.node(), "python": platform.python_version(), "ray": ray.__version__,
-            "sit": sit_build(), "profile": detect_profile(), "backend": detect_backend()}
+    return {"node": platform.node(), **versions(), "profile": detect_profile(), "backend": detect_backend()}
 
 
 VERSIONED = ("python", "ray", "sit")
@@ -159,7 +164,7 @@ def connect(address: str) -> Cluster:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise SitError(f"could not join the Ray cluster at {address}: {str(e).splitlines()[0]}", fix) from None
     cluster = Cluster(address, _probe())
-    check_versions(node_report(), cluster.nodes)
+    check_versions(versions(), cluster.nodes)
     return cluster
 
 
