@@ -47,7 +47,7 @@ from sit_core.contract import Phase, Shard, ShardFiles
 from sit_core.errors import SitError
 from sit_core.secrets import contains_secret
 from sit_core.stages import declared
-from sit_core.store.fileio import append_jsonl
+from sit_core.store.fileio import append_jsonl, atomic_write_bytes, jsonl_text
 
 # A node that dies mid-shard costs one more submission of that shard; past this many, the
 # failure is the cluster's, not a node's, and the stage fails (a rerun resumes it).
@@ -194,10 +194,37 @@ def _complete_lines(data: bytes) -> bytes:
     return data[: data.rfind(b"\n") + 1]
 
 
+def _common_lines(a: bytes, b: bytes) -> int:
+    """The length of the longest common prefix of a and b that ends at a line's end."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a.rfind(b"\n", 0, n) + 1
+
+
+class LogTail:
+    """What a log has that its mirror (the parent's copy, `known`) lacks, as (offset, lines):
+    the mirror keeps its first `offset` bytes and appends `lines`. The work may cut its log
+    back before it appends (Magpie keeps whole batches), so a new part does not always start
+    where the mirror ends."""
+
+    def __init__(self, path: Path, known: bytes):
+        self.path, self.known = path, known
+
+    def read(self) -> tuple[int, bytes] | None:
+        data = _complete_lines(self.path.read_bytes())
+        keep = len(self.known) if data.startswith(self.known) else _common_lines(self.known, data)
+        if keep == len(self.known) == len(data):
+            return None
+        self.known = data
+        return keep, data[keep:]
+
+
 def shard_task(stage: str, phase: str, config: dict, shard: list[int], params: dict, inputs: dict,
                log: str, saved: bytes) -> Iterator:
-    """Run one shard in a scratch run directory of this node; yield each batch of new complete
-    log lines (bytes), then a timing dict, then the shard's summary (a dict with "shard").
+    """Run one shard in a scratch run directory of this node; yield ("lines", offset, bytes) for
+    each batch of new complete log lines (LogTail), then ("timing", dict), then ("summary", the
+    shard's summary).
     `inputs`: run-dir-relative path -> ObjectRef of its bytes. `log`: the shard log's
     run-dir-relative path, and `saved` what the parent holds of it."""
     import ray
@@ -223,21 +250,19 @@ def shard_task(stage: str, phase: str, config: dict, shard: list[int], params: d
         unpacked = time.time()
         worker = threading.Thread(target=run, name=f"sit-shard-{shard[0]}-{shard[1]}")
         worker.start()
-        offset = len(saved)
+        tail = LogTail(log_path, saved)
         while True:
             alive = worker.is_alive()
             worker.join(POLL_S)
-            new = _complete_lines(log_path.read_bytes()[offset:])
-            if new:
-                offset += len(new)
-                yield new
+            if new := tail.read():
+                yield ("lines", *new)
             if not alive:
                 break
         if "error" in outcome:
             raise outcome["error"]
-        yield {"timing": {"node": ray.get_runtime_context().get_node_id()[:12], "started": started,
-                          "inputs_s": unpacked - started, "work_s": time.time() - unpacked}}
-        yield outcome["summary"]
+        yield ("timing", {"node": ray.get_runtime_context().get_node_id()[:12], "started": started,
+                          "inputs_s": unpacked - started, "work_s": time.time() - unpacked})
+        yield ("summary", outcome["summary"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -256,6 +281,20 @@ def _remote_shard_task():
 
 def _saved_lines(path: Path) -> bytes:
     return _complete_lines(path.read_bytes()) if path.exists() else b""
+
+
+def _mirror(log: Path, offset: int, lines: bytes) -> None:
+    """Bring the run directory's copy of a shard log up to the worker's: keep its first `offset`
+    bytes (a cut-back part, or a torn last line, goes) and append `lines`, fsync'd, parsed first
+    so that only whole records are ever saved."""
+    records = [json.loads(line) for line in lines.splitlines()]
+    # Logs are written as jsonl_text writes them, which reads back to the same bytes: the
+    # offsets of worker and parent stay one.
+    if jsonl_text(records).encode() != lines:
+        raise ValueError(f"a batch for {log} is not in sit's JSONL form; its offsets would not hold")
+    if log.exists() and log.stat().st_size > offset:
+        atomic_write_bytes(log, log.read_bytes()[:offset])
+    append_jsonl(log, records)
 
 
 class RayRunner:
@@ -322,15 +361,15 @@ class RayRunner:
                 log.relative_to(run_dir).as_posix(), saved)
             try:
                 for ref in stream:
-                    item = ray.get(ref)
-                    if isinstance(item, bytes):
+                    kind, *item = ray.get(ref)
+                    if kind == "lines":
                         t = time.time()
-                        append_jsonl(log, (json.loads(line) for line in item.splitlines()))
+                        _mirror(log, *item)
                         saving += time.time() - t
-                    elif "timing" in item:
-                        timing = item["timing"]
+                    elif kind == "timing":
+                        timing = item[0]
                     else:
-                        summary = item
+                        summary = item[0]
             except ray.exceptions.RayTaskError as e:  # the shard's own error, as raised there
                 raise (e.cause if e.cause is not None else e) from None
             except ray.exceptions.RayError as e:  # the node or its worker died: retry from the log
