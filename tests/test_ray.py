@@ -223,3 +223,27 @@ def test_auto_means_the_workers_hardware_and_a_named_profile_wins():
     assert load_config(None, preset="demo", profile="cpu", auto_profile="t4").profile == "cpu"
     with pytest.raises(SitError, match="different hardware profiles"):
         Cluster("head:6379", [gpu, {**gpu, "profile": "a100"}]).hardware(None)
+
+
+def test_the_parents_copy_of_a_log_follows_the_workers_through_appends_and_cut_backs(tmp_path):
+    """The stream's protocol without Ray: what a worker's log gains, loses (Magpie cuts a part
+    batch) or has torn reaches the parent's copy as exactly the worker's complete lines."""
+    from sit_prefect.ray_runner import LogTail, _mirror
+
+    def lines(*indices):
+        return "".join(json.dumps({"index": i}, sort_keys=True) + "\n" for i in indices).encode()
+
+    worker, parent = tmp_path / "worker.jsonl", tmp_path / "parent.jsonl"
+    parent.write_bytes(lines(0, 1, 2) + b'{"ind')  # a torn line the parent's earlier life left
+    saved = lines(0, 1, 2)
+    worker.write_bytes(saved)
+    tail = LogTail(worker, saved)
+    assert tail.read() is None
+    for change in (lambda: worker.write_bytes(lines(0, 1)),             # cut back to a whole batch
+                   lambda: worker.write_bytes(lines(0, 1, 2, 3) + b'{"in'),  # regrown, a torn tail
+                   lambda: worker.write_bytes(lines(0, 1, 2, 3, 4, 5))):
+        change()
+        if new := tail.read():
+            _mirror(parent, *new)
+        assert parent.read_bytes() == worker.read_bytes()[: worker.read_bytes().rfind(b"\n") + 1]
+    assert [json.loads(x)["index"] for x in parent.read_text().splitlines()] == [0, 1, 2, 3, 4, 5]
