@@ -370,9 +370,11 @@ class RayRunner:
                         timing = item[0]
                     else:
                         summary = item[0]
-            except ray.exceptions.RayTaskError as e:  # the shard's own error, as raised there
-                raise (e.cause if e.cause is not None else e) from None
-            except ray.exceptions.RayError as e:  # the node or its worker died: retry from the log
+            except ray.exceptions.RayError as e:
+                cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+                if not isinstance(cause, ray.exceptions.RayError):  # the shard's own error, as raised there
+                    raise (cause if cause is not None else e) from None
+                # The node or its worker died: retry from the log.
                 # from_line: where the lost attempt started; resumes_at_line: what the parent had
                 # saved of it, where the next attempt starts.
                 retries.append({"event": "shard_retried", "attempt": attempt, "from_line": saved.count(b"\n"),
