@@ -56,7 +56,7 @@ def cluster(smollm2_path, one_thread_per_process, monkeypatch):
     nodes = []
     try:
         for name in ("head", "worker"):
-            (root / name / "tmp").mkdir(parents=True)
+            (root / name / "tmp" / "ray").mkdir(parents=True)  # Ray notes the cluster's address under TMPDIR/ray
             monkeypatch.setenv("TMPDIR", str(root / name / "tmp"))
             if not nodes:
                 made = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": str(root / name),
@@ -218,9 +218,11 @@ def test_auto_means_the_workers_hardware_and_a_named_profile_wins():
     head = {"resources": {"CPU": 4}, "profile": "cpu", "backend": "transformers"}
     hardware = Cluster("head:6379", [head, gpu, gpu]).hardware(None)
     assert hardware == {"profile": "t4", "backend": "transformers"}  # not the CPU head's
-    on_workers = load_config(None, preset="demo", auto_profile=hardware["profile"], auto_backend="transformers")
+    # No preset, so the batch sizes are the profile's: t4's one at a time, not the cpu profile's 8.
+    on_workers = load_config({}, auto_profile=hardware["profile"], auto_backend="transformers")
     assert on_workers.profile == "t4" and on_workers.generation.batch_size == 1
-    assert load_config(None, preset="demo", profile="cpu", auto_profile="t4").profile == "cpu"
+    named = load_config({}, profile="cpu", auto_profile="t4")
+    assert named.profile == "cpu" and named.generation.batch_size == 8
     with pytest.raises(SitError, match="different hardware profiles"):
         Cluster("head:6379", [gpu, {**gpu, "profile": "a100"}]).hardware(None)
 
