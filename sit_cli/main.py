@@ -33,6 +33,9 @@ def run(
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
                                           help="shard generation and preference pairs over N worker processes"),
     devices: Optional[str] = typer.Option(None, "--devices", help="shard them one worker per GPU, e.g. 0,1,2,3"),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS",
+                                      help="run their shards on the Ray cluster at HOST:PORT (or auto), one GPU each "
+                                           "(deployments/README.md); sit runs on a node of the cluster"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, progress bars and "
                                  "Prefect's log here (they always go to <run_dir>/logs/sit-run-<time>.log)"),
 ) -> None:
@@ -57,12 +60,19 @@ def run(
             # Configuration, model, lock and run.json mistakes: one clear error, before Prefect starts.
             check_run(run_dir, str(config) if config else None, preset=preset, profile=profile, overrides=overrides,
                       stages=stage_list)
+            if ray:
+                if workers or devices:
+                    raise SitError("--ray, and --workers or --devices, name two places for the shards",
+                                   "give one of them")
+                from sit_prefect.ray_runner import connect
+
+                connect(ray)  # a wrong address or a node with other versions: one error, before Prefect starts
             arguments = dict(run_dir=str(run_dir), config=str(config) if config else None, preset=preset,
                              profile=profile, overrides=overrides, stages=stage_list)
             from sit_prefect.flows import synthetic_instruction_tuner
 
             result = synthetic_instruction_tuner(**arguments, workers=workers,
-                                                 devices=devices.split(",") if devices else None)
+                                                 devices=devices.split(",") if devices else None, ray=ray)
     except SitError as err:
         if run_console is not None and run_console.stages:  # a stage ran: what it printed is in the log
             console.print(f"log: {run_console.log_path}", style="dim", markup=False)

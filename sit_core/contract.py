@@ -19,6 +19,7 @@ key and the Prefect server never load them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from sit_core.store.shard_plan import Shard
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from sit_core.config import SitConfig
     from sit_core.store.manifest import StageRun
 
-__all__ = ["Phase", "Read", "Shard", "Sharding", "Stage"]
+__all__ = ["Phase", "Read", "Shard", "ShardFiles", "Sharding", "Stage"]
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,30 @@ class Read:
 
 
 @dataclass(frozen=True)
+class ShardFiles:
+    """What one shard touches in the run directory: the files it reads (those absent are simply
+    absent for the shard too) and the one log it appends its records to. A runner whose workers
+    see no disk of the parent (sit_prefect/ray_runner.py) ships `reads` to a worker and streams
+    the log's new lines back into the run directory."""
+
+    reads: tuple[Path, ...]
+    log: Path
+
+
+@dataclass(frozen=True)
 class Phase:
     """One round of sharded work. `pending(cfg, run_dir, n)` records and returns the shards to
     run next ([] when the phase is complete); `work(cfg, run_dir, shard, **params)` runs one
     shard in a worker process and returns a small JSON-able summary; `params(cfg, run)` are the
     phase's extra arguments for every shard; `record(run, summary)` files a summary in the
     manifest; `after(cfg, run)` runs once the phase is complete (a merge the next phase reads).
+    `files(cfg, run_dir, shard)` -> ShardFiles: everything `work` reads and writes under run_dir.
     `waves`: whether `pending` may plan new shards after a wave (Magpie's rejections)."""
 
     name: str
     pending: Callable[..., list[Shard]]
     work: Callable[..., dict]
+    files: Callable[..., ShardFiles]
     params: Callable[..., dict] | None = None
     record: Callable[..., None] | None = None
     after: Callable[..., None] | None = None

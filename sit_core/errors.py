@@ -9,6 +9,10 @@ class SitError(Exception):
         self.fix = fix
         super().__init__(problem if not fix else f"{problem}\n  Fix: {fix}")
 
+    def __reduce__(self):
+        # A SitError raised in another process (a Ray worker) arrives with its problem and fix apart.
+        return type(self), (self.problem, self.fix)
+
 
 class ConfigError(SitError):
     """The configuration is invalid; raised before any model loads."""

@@ -39,9 +39,10 @@ class OpenRun:
 
 
 def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str | None, profile: str | None,
-                   overrides: list[str] | None) -> tuple[SitConfig, dict]:
+                   overrides: list[str] | None, hardware: dict | None = None) -> tuple[SitConfig, dict]:
     """The config for this run, and the source it was built from (recorded in run.json so a
-    later `sit run --run-dir D` continues with the same settings, re-detecting the hardware)."""
+    later `sit run --run-dir D` continues with the same settings, re-detecting the hardware).
+    `hardware`: {"profile", "backend"} that `auto` means, when not this machine's."""
     record = load_run_record(run_dir) if (Path(run_dir) / RUN_RECORD).exists() else None
     continuing = config is None and preset is None and record is not None
     if continuing:
@@ -61,13 +62,23 @@ def resolve_config(run_dir: Path, config: dict | str | Path | None, preset: str 
                  "(--set generation.backend=vllm switches it)")
     overrides = source["overrides"]
     recipe = recorded_recipe(record.get("config") or {}, continuing) if record is not None else None
+    hardware = hardware or {}
     cfg = load_config(source["config"] if source["config"] is not None else None, preset=preset, profile=profile,
-                      overrides=overrides, recipe=recipe)
+                      overrides=overrides, recipe=recipe, auto_profile=hardware.get("profile"),
+                      auto_backend=hardware.get("backend"))
     if record is not None and not names_a_batch(source):
         cfg, notes = keep_effective_batches(cfg, record.get("config") or {})
         for note in notes:
             log.info("%s", note)
     return cfg, source
+
+
+def config_for_hardware(run_dir: Path, profile: str | None, hardware: dict) -> SitConfig:
+    """The config of an open run (its run.json recorded) as it resolves on other machines, for
+    work that runs there: a Ray cluster's workers report their GPU's profile and whether they
+    have vLLM (`hardware`), and `auto` means theirs, so a CPU-only parent does not hand its cpu
+    profile to GPU workers. A profile the user named (`profile`, or in the config) still wins."""
+    return resolve_config(run_dir, None, None, profile, None, hardware)[0]
 
 
 def began_before_engines(record: dict, source: dict) -> bool:

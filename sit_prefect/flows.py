@@ -12,8 +12,8 @@ from prefect.states import Failed
 from sit_core.config import STAGE_ORDER, SitConfig
 from sit_core.console_events import timed_stage
 from sit_core.errors import SitError
-from sit_core.pipeline import prepare_run
-from sit_core.stages import graph_edges
+from sit_core.pipeline import config_for_hardware, prepare_run
+from sit_core.stages import declared, graph_edges
 from sit_prefect.local_server import start_temporary_server
 from sit_prefect.stage_task import drop_stale_result, stage_task_for
 
@@ -51,8 +51,11 @@ def fails_cleanly(fn):
 
 
 def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str], workers: int | None = None,
-                devices: list[str] | None = None) -> dict:
+                devices: list[str] | None = None, ray: str | None = None,
+                shard_cfg: SitConfig | None = None) -> dict:
     """Each stage's summary, with `cached: True` where Prefect served it from the run dir.
+    With `ray`, the sharded stages run their shards there, under `shard_cfg` (the config as it
+    resolves on the cluster's workers; it differs from `cfg` in performance fields only).
 
     Stages run one at a time, in order (a GPU holds one model at a time), but each task waits
     for the stages it reads from (`wait_for`), so the UI's run graph draws the pipeline's
@@ -61,10 +64,11 @@ def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str], workers: int |
     results, futures = {}, {}
     for stage in stages:
         drop_stale_result(stage, cfg, run_dir)
+        on_cluster = ray is not None and declared(stage).sharding is not None
         with timed_stage(stage) as outcome:
             future = stage_task_for(stage, run_dir).submit(
-                stage, cfg.model_dump(mode="json"), str(run_dir), workers, devices,
-                wait_for=[futures[s] for s in graph_edges(stage) if s in futures])
+                stage, (shard_cfg if on_cluster else cfg).model_dump(mode="json"), str(run_dir), workers, devices,
+                ray if on_cluster else None, wait_for=[futures[s] for s in graph_edges(stage) if s in futures])
             future.wait()
             futures[stage] = future
             results[stage] = {**future.state.result(), "cached": future.state.name == "Cached"}
@@ -74,16 +78,31 @@ def _run_stages(cfg: SitConfig, run_dir: Path, stages: list[str], workers: int |
 
 def _pipeline(run_dir: str, config: dict | str | None, preset: str | None, profile: str | None,
               overrides: list[str] | None, stages: list[str] | None, workers: int | None,
-              devices: list[str] | None) -> dict:
+              devices: list[str] | None, ray: str | None = None) -> dict:
+    if ray and (workers or devices):
+        raise SitError("ray, and workers or devices, name two places for the shards", "give one of them")
+    # The cluster first: a wrong address or a node with other versions is one error before the
+    # run directory is locked or any model loads.
+    cluster = None
+    if ray:
+        from sit_prefect.ray_runner import connect
+
+        cluster = connect(ray)
     with prepare_run(run_dir, config, preset=preset, profile=profile, overrides=overrides, stages=stages) as run:
         logger = get_run_logger()
         logger.info("run %s: profile %s, stages %s", run.run_dir, run.cfg.profile, ", ".join(run.stages))
+        shard_cfg = None
+        if cluster is not None:
+            shard_cfg = config_for_hardware(run.run_dir, profile, cluster.hardware(profile))
+            logger.info("Ray cluster %s: %d nodes, %d CPUs, %d GPUs; shards run with profile %s, backend %s",
+                        cluster.address, len(cluster.nodes), cluster.cpus, cluster.gpus, shard_cfg.profile,
+                        shard_cfg.generation.backend)
         if run.pulled:
             logger.info("pulled %d files from the hub mirror %s", len(run.pulled), run.cfg.hub_repo)
         for stage, problems in run.damaged.items():
             logger.warning("stage %s is damaged (%s); recomputing it from its last good checkpoint",
                            stage, "; ".join(problems))
-        return _run_stages(run.cfg, run.run_dir, run.stages, workers, devices)
+        return _run_stages(run.cfg, run.run_dir, run.stages, workers, devices, ray, shard_cfg)
 
 
 @flow(name="synthetic_instruction_tuner")
@@ -97,15 +116,17 @@ def synthetic_instruction_tuner(
     stages: list[str] | None = None,
     workers: int | None = None,
     devices: list[str] | None = None,
+    ray: str | None = None,
 ) -> dict:
     """Run the pipeline's stages in order into `run_dir`, skipping what is already done.
 
     `config` is a path to a config.json/YAML or a dict in the same format; with neither
     config nor preset, the config recorded in run_dir is reused, else the demo preset.
     `workers` (or `devices`, CUDA device ids, one worker each) shards Magpie generation and
-    the preference stage over worker processes; the output equals an unsharded run's.
+    the preference stage over worker processes; `ray` (a Ray cluster's HOST:PORT, or auto)
+    runs those shards as Ray tasks on the cluster's nodes. The output equals an unsharded run's.
     """
-    return _pipeline(run_dir, config, preset, profile, overrides, stages, workers, devices)
+    return _pipeline(run_dir, config, preset, profile, overrides, stages, workers, devices, ray)
 
 
 # The flow that deployments made with earlier releases' `flows/sharded.py` entrypoint run: the

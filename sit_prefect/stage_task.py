@@ -11,7 +11,8 @@ stage outputs were damaged or deleted since is dropped (`drop_stale_result`), an
 runs again (the driver resumes the stage from its checkpoints).
 
 A sharded stage's task runs its shards as tasks of their own on a process pool
-(sit_prefect/sharded.py), through the same driver.
+(sit_prefect/sharded.py), or as Ray tasks on a Ray cluster (sit_prefect/ray_runner.py), through
+the same driver.
 """
 
 from __future__ import annotations
@@ -131,13 +132,19 @@ def publish_artifacts(stage: str, manifest: dict, run_dir: Path) -> None:
     retry_condition_fn=_retry_transient,
 )
 def run_stage_task(stage: str, config: dict, run_dir: str, workers: int | None = None,
-                   devices: list[str] | None = None) -> dict:
+                   devices: list[str] | None = None, ray: str | None = None) -> dict:
     """Run one stage through the driver; a sharded stage's shards on `workers` processes (one per
-    entry of `devices`). Returns a small summary (the cached result): status, outputs, stats."""
+    entry of `devices`), or on the Ray cluster at `ray`. Returns a small summary (the cached
+    result): status, outputs, stats."""
     cfg = SitConfig.model_validate(config)
     logger = get_run_logger()
     logger.info("stage %s: starting in %s", stage, run_dir)
-    if (workers or devices) and declared(stage).sharding is not None:
+    if ray and declared(stage).sharding is not None:
+        from sit_prefect.ray_runner import RayRunner, connect
+
+        runner = RayRunner(stage, connect(ray), cfg)
+        manifest = run_stage(cfg, Path(run_dir), stage, progress_reporter(stage), runner)
+    elif (workers or devices) and declared(stage).sharding is not None:
         from sit_prefect.sharded import process_pool
 
         with process_pool(stage, workers or 1, devices) as runner:

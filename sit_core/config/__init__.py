@@ -473,9 +473,13 @@ def load_config(
     profile: str | None = None,
     overrides: list[str] | None = None,
     recipe: dict | None = None,
+    auto_profile: str | None = None,
+    auto_backend: str | None = None,
 ) -> SitConfig:
     """Resolve defaults < profile < preset < recipe < user config < overrides into one SitConfig.
-    `recipe`: what a run directory being continued recorded (`recorded_recipe`)."""
+    `recipe`: what a run directory being continued recorded (`recorded_recipe`). `auto_profile`
+    and `auto_backend`: what `auto` means when the work runs on other machines (a Ray cluster's
+    workers, which report their own GPU and vLLM); by default, this machine's."""
     user = read_config_file(config) if isinstance(config, (str, Path)) else copy.deepcopy(config or {})
     _check_old_layout(user)
     preset_name = preset or user.pop("preset", None) or ("demo" if config is None else None)
@@ -488,11 +492,11 @@ def load_config(
         close = difflib.get_close_matches(str(requested), PROFILE_NAMES + ("auto",), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown hardware profile '{requested}'.{hint}", f"use one of: auto, {', '.join(PROFILE_NAMES)}")
-    resolved_profile = detect_profile() if requested == "auto" else requested
+    resolved_profile = (auto_profile or detect_profile()) if requested == "auto" else requested
     generation = layered.get("generation") if isinstance(layered.get("generation"), dict) else {}
     backend = generation.get("backend", "auto")
     if backend == "auto":
-        backend = detect_backend(generation.get("vllm_python"))
+        backend = auto_backend or detect_backend(generation.get("vllm_python"))
     merged = deep_merge(profile_overrides(resolved_profile, backend), layered)
     merged["profile"] = resolved_profile
     if backend in ("transformers", "vllm"):  # anything else is left for validation to name

@@ -12,8 +12,8 @@ STAGE = Stage(
     fingerprint=magpie.fingerprint,
     work=magpie.run,
     sharding=Sharding(
-        phases=(Phase("attempts", pending=shards.pending_shards, work=shards.generate_shard, waves=True,
-                      record=record_shard_events),),
+        phases=(Phase("attempts", pending=shards.pending_shards, work=shards.generate_shard,
+                      files=shards.shard_files, waves=True, record=record_shard_events),),
         progress=shards.progress,
         finish=shards.finish,
     ),

@@ -137,7 +137,10 @@ def extend_log(cfg: SitConfig, log_path: Path, first: int, complete, on_checkpoi
     records = _load_log(log_path, batch, first_index=first)
     if complete(records):
         return records, 0
+    loading = time.perf_counter()
     generator = _open_generator(cfg, log_path.parent, stable)
+    if event is not None:  # what a shard spends before its first batch (bench/bench_ray.py)
+        event("engine_started", backend=generator.engine.backend, seconds=round(time.perf_counter() - loading, 2))
     bar = tqdm(total=None, initial=len(records), desc="magpie", unit="attempt")
     pending: list[dict] = []
     tokens = 0

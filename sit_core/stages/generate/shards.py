@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 
 from sit_core.config import SitConfig
-from sit_core.contract import Shard
+from sit_core.contract import Shard, ShardFiles
 from sit_core.stages.generate import magpie
 from sit_core.store.fileio import read_jsonl
 from sit_core.store.manifest import StageRun
@@ -83,6 +83,11 @@ def pending_shards(cfg: SitConfig, run_dir: Path, n_shards: int) -> list[Shard]:
     wave = split(start, min(start + span, limit), batch, n_shards)
     _plan(cfg, run_dir).write(plan + wave)
     return wave
+
+
+def shard_files(cfg: SitConfig, run_dir: Path, shard: Shard) -> ShardFiles:
+    """A shard reads nothing of the run but its own log: its inputs are the config and the model."""
+    return ShardFiles((), shard_log(run_dir, shard))
 
 
 def generate_shard(cfg: SitConfig, run_dir: Path, shard: Shard) -> dict:

@@ -18,9 +18,10 @@ STAGE = Stage(
     sharding=Sharding(
         phases=(
             Phase("responses", pending=shards.pending_response_shards, work=shards.sample_shard,
-                  params=lambda cfg, run: {"stable": build.stalled(run.manifest)},
+                  files=shards.response_shard_files, params=lambda cfg, run: {"stable": build.stalled(run.manifest)},
                   record=record_shard_events, after=shards.merge_responses),
-            Phase("scores", pending=shards.pending_score_shards, work=shards.score_shard),
+            Phase("scores", pending=shards.pending_score_shards, work=shards.score_shard,
+                  files=shards.score_shard_files, record=record_shard_events),
         ),
         progress=shards.progress,
         finish=shards.finish,

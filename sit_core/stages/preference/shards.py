@@ -37,10 +37,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from sit_core.config import SitConfig
-from sit_core.contract import Shard
+from sit_core.contract import Shard, ShardFiles
 from sit_core.stages.preference import build as preference
 from sit_core.store import shard_plan as shards
 from sit_core.store.fileio import atomic_write_text, jsonl_text, read_jsonl
+from sit_core.stages import path_of
 from sit_core.store.manifest import StageRun, stage_dir
 
 RESPONSES_DIR = "responses"
@@ -105,6 +106,12 @@ def pending_response_shards(cfg: SitConfig, run_dir: Path, n_shards: int) -> lis
             if any(it.key not in responses for items in work.slice(*s).values() for it in items)]
 
 
+def response_shard_files(cfg: SitConfig, run_dir: Path, shard: Shard) -> ShardFiles:
+    """The kept instructions (preference.Work), the responses an unsharded run logged, its own log."""
+    return ShardFiles((path_of(run_dir, preference.KEPT), stage_dir(run_dir, preference.NAME) / preference.RESPONSES),
+                      response_plan(cfg, run_dir).log(shard))
+
+
 def sample_shard(cfg: SitConfig, run_dir: Path, shard: Shard, stable: bool) -> dict:
     """Sample (or finish) one shard of responses into its own log; run in a worker process.
     Returns a small summary with the events for the parent to record."""
@@ -140,6 +147,14 @@ def pending_score_shards(cfg: SitConfig, run_dir: Path, n_shards: int) -> list[S
     return [s for s in recorded if any(c["key"] not in scores for c in candidates[s[0]:s[1]])]
 
 
+def score_shard_files(cfg: SitConfig, run_dir: Path, shard: Shard) -> ShardFiles:
+    """The kept instructions, the merged responses (the candidates), the scores an unsharded run
+    logged, its own log."""
+    stage = stage_dir(run_dir, preference.NAME)
+    return ShardFiles((path_of(run_dir, preference.KEPT), stage / preference.RESPONSES, stage / preference.SCORES),
+                      score_plan(cfg, run_dir).log(shard))
+
+
 def score_shard(cfg: SitConfig, run_dir: Path, shard: Shard) -> dict:
     """Score (or finish) one shard of candidates into its own log; run in a worker process."""
     work, candidates = _candidates(cfg, run_dir)
@@ -149,7 +164,7 @@ def score_shard(cfg: SitConfig, run_dir: Path, shard: Shard) -> dict:
     scores = {k: r["score"] for k, r in _stage_log(run_dir, preference.SCORES).items() if k in own}
     scores.update((r["key"], r["score"]) for r in read_jsonl(log_path, repair=True))
     preference.score_responses(cfg, candidates, work.instructions, scores, log_path)
-    return {"shard": list(shard), "scores": len(scores)}
+    return {"shard": list(shard), "scores": len(scores), "events": []}
 
 
 # ---------------------------------------------------------------------------------------
