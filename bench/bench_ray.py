@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,7 @@ def main() -> None:
                 results[name] = [run_once(work, {"ray": cluster.address}, overrides, env) for _ in range(args.repeats)]
             finally:
                 cluster.shutdown()
+                shutil.rmtree(root, ignore_errors=True)
 
     pool = statistics.median(r["stage_s"] for r in results.get("pool (2 processes)", [{"stage_s": float("nan")}]))
     print(f"generate stage, demo preset, num_samples={args.samples}, transformers, {args.repeats} runs each")
