@@ -2,7 +2,7 @@
 
 We call lm-eval's Python API (`simple_evaluate`, in harness.py) with its HF wrapper (`HFLM`)
 and let it load adapters itself (`peft=`), or, on the vLLM backend, with lm-eval's own vLLM
-model in the engine process (the evaluate stage's `_lm_eval_on_vllm`). Tasks are evaluated
+model in the engine process (the evaluate stage's `_on_vllm`). Tasks are evaluated
 one by one against the same loaded model so that the stage can save after each (variant,
 task) pair and resume between them.
 
@@ -19,9 +19,6 @@ from pathlib import Path
 
 from sit_core.errors import SitError
 from sit_core.stages.evaluate import harness
-from sit_core.stages.evaluate.harness import ITEMS
-
-__all__ = ["ITEMS", "check_tasks", "evaluate_task", "load_lm", "metric_rows", "num_virtual_tokens"]
 
 LOCAL_TASKS_DIR = Path(__file__).parent / "tasks"
 LOCAL_TASKS = ("sit_ifeval_local", "sit_mc_local")
