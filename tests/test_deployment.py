@@ -19,7 +19,8 @@ from conftest import HANG_GUARD_S
 pytestmark = pytest.mark.slow
 
 DEMO_OVERRIDES = ["generation.num_samples=4", "filter.target_count=2", "filter.min_count=1", "preference.num_pairs=1",
-                  "generation.instruction_max_tokens=40", "generation.response_max_tokens=40", "filter.length.min=3"]
+                  "generation.instruction_max_tokens=40", "generation.response_max_tokens=40", "filter.length.min=3",
+                  "generation.batch_size=8"]
 
 INSPECT = textwrap.dedent("""
     import json

@@ -336,3 +336,46 @@ def test_an_evaluation_from_before_the_held_out_signals_keeps_its_benchmarks(run
     (run_dir / "evaluate" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SitError, match="different 'evaluate' configuration"):
         evaluate.check(cfg, run_dir, open_stage)  # other benchmark settings: refused as before
+
+
+@pytest.mark.slow
+def test_a_prompt_tuning_decodes_as_its_uncached_forward_does(smollm2_path: Path, tmp_path: Path) -> None:
+    """The soft prompt goes into the KV cache once: sit's loop (agent, held-out answers) and
+    lm-eval's generation tasks give, for a left-padded batch, the tokens that greedy decoding
+    through PEFT's forward without a cache gives. PEFT's generate() put it in again at every step."""
+    import torch
+    from peft import PeftModel, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sit_core.engine.engines import model_engine
+    from sit_core.engine.sampling import Sampling, chat_prompt
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)).save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32), tmp_path)
+    prompts = [chat_prompt(tokenizer, None, q) for q in ("Name three colors.", "Write one sentence about the sea, please.")]
+    new_tokens = 12
+
+    def uncached(prompt: list[int]) -> list[int]:
+        ids, out = torch.tensor([prompt]), []
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                token = int(tuned(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+                out.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        return out
+
+    expected = [uncached(p) for p in prompts]
+    got = model_engine(tuned, tokenizer, batch_size=2).generate(prompts, [0, 0], Sampling(0.0, 1.0, new_tokens))
+    assert [c.ids == e[:len(c.ids)] for c, e in zip(got, expected)] == [True, True]
+
+    lm = lm_eval_runner.load_lm(str(smollm2_path), tmp_path, batch_size=2)
+    width = max(len(p) for p in prompts)
+    context = torch.tensor([[tokenizer.eos_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = lm._model_generate(context, width + new_tokens, stop=[], attention_mask=mask, do_sample=False)
+    for row, e in zip(out[:, width:].tolist(), expected):
+        cut = next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), len(row))
+        assert row[:cut] == e[:cut]

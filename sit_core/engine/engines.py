@@ -5,8 +5,9 @@ returns the new token ids of each (stop token excluded). Prompts are rendered an
 decoded here, in the parent, with the model's own tokenizer, so every backend sees the same
 tokens.
 
-- `LocalEngine`: sit's seeded decoding loop (sampling.py) in this process. Batch 1 is the
-  stable mode: the seeds' fix for the batched notebook's deadlock.
+- `LocalEngine`: sit's seeded decoding loop (sampling.py) in this process, for base, LoRA and
+  prompt-tuned models alike. Batch 1 is the stable mode: the seeds' fix for the batched
+  notebook's deadlock.
 - `EngineProcess`: an engine in its own process (worker.py), either vLLM under the vLLM
   environment's interpreter (backend.py finds it) or sit's loop in batches. Its stall watchdog
   kills a worker that sends no heartbeat for `stall_timeout_s` and raises `EngineFailed`; the
@@ -33,7 +34,7 @@ from typing import Sequence
 
 from sit_core.engine import worker
 from sit_core.engine.models import eos_token_ids, load_causal_lm, load_tokenizer, release, resolve_model_path
-from sit_core.engine.sampling import Sampling, generate, pre_query_template, stop_token_ids
+from sit_core.engine.sampling import Sampling, generate, pre_query_template, soft_prompt, stop_token_ids
 from sit_core.config import SitConfig
 from sit_core.config.backend import find_vllm_python
 from sit_core.errors import SitError
@@ -50,69 +51,27 @@ class EngineFailed(Exception):
 
 
 class LocalEngine:
-    """sit's decoding loop in this process, `batch_size` prompts at a time."""
+    """sit's decoding loop in this process, `batch_size` prompts at a time; a prompt tuning's
+    soft prompt (sampling.soft_prompt) goes in front of every prompt."""
 
     backend = "transformers"
     description = "sit's seeded decoding loop (sit_core/engine/sampling.py)"
 
-    def __init__(self, model, pad_id: int, stops: set[int], batch_size: int = 1):
-        self.model, self.pad_id, self.stops, self.batch_size = model, pad_id, stops, batch_size
+    def __init__(self, model, pad_id: int, stops: set[int], batch_size: int = 1, prefix=None):
+        self.model, self.pad_id, self.stops, self.batch_size, self.prefix = model, pad_id, stops, batch_size, prefix
 
     def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
                  adapter: str | None = None) -> list[Completion]:
         out: list[Completion] = []
         for i in range(0, len(prompts), self.batch_size):
             for ids in generate(self.model, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
-                                sampling, self.stops, self.pad_id):
+                                sampling, self.stops, self.pad_id, soft_prompt=self.prefix):
                 out.append(Completion(ids, len(ids) >= sampling.max_new_tokens))
         return out
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.prefix = None
         release()
-
-
-class GenerateEngine:
-    """transformers' own `generate()`, for a model sit's loop cannot feed: PEFT's prompt tuning
-    prepends its soft prompt inside every forward call, which a KV-cached loop cannot. Greedy
-    requests go in left-padded batches; sampled ones one at a time, each from its own seed."""
-
-    backend = "transformers"
-    description = "transformers generate (PEFT prepends the soft prompt there; sit's loop cannot)"
-
-    def __init__(self, model, pad_id: int, stops: set[int], batch_size: int = 1):
-        self.model, self.pad_id, self.stops, self.batch_size = model, pad_id, stops, batch_size
-
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
-                 adapter: str | None = None) -> list[Completion]:
-        import torch
-
-        sample = sampling.temperature > 0
-        size = 1 if sample else self.batch_size
-        device = next(self.model.parameters()).device
-        out: list[Completion] = []
-        for i in range(0, len(prompts), size):
-            batch = prompts[i:i + size]
-            width = max(len(p) for p in batch)
-            ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            if sample:
-                torch.manual_seed(int(seeds[i]))
-            with torch.no_grad():
-                generated = self.model.generate(
-                    input_ids=ids, attention_mask=mask, pad_token_id=self.pad_id, eos_token_id=sorted(self.stops),
-                    max_new_tokens=sampling.max_new_tokens, do_sample=sample,
-                    temperature=sampling.temperature if sample else None, top_p=sampling.top_p if sample else None)
-            # Whether the prompt comes back in front of the new tokens (it does, but for some PEFT models).
-            echoes = generated.shape[1] > width and torch.equal(generated[:, :width], ids)
-            for row in (generated[:, width:] if echoes else generated).tolist():
-                cut = next((j for j, t in enumerate(row) if t in self.stops), None)
-                out.append(Completion(row[:cut] if cut is not None else row,
-                                      cut is None and len(row) >= sampling.max_new_tokens))
-        return out
-
-    def close(self) -> None:
-        self.model = None
 
 
 class EngineProcess:
@@ -337,13 +296,11 @@ def decode(engine: Engine, completion: Completion) -> str:
 
 
 def model_engine(model, tokenizer, batch_size: int = 1) -> Engine:
-    """An Engine over a model already loaded in this process (base or PEFT): sit's loop, or
-    transformers' generate() for a soft prompt."""
+    """An Engine over a model already loaded in this process (base, LoRA or prompt tuning): sit's loop."""
     after_user = pre_query_template(tokenizer, None)[1] if getattr(tokenizer, "chat_template", None) else ""
     stops = stop_token_ids(eos_token_ids(model.generation_config), tokenizer, after_user)
-    soft_prompt = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
-    impl = (GenerateEngine if soft_prompt else LocalEngine)(model, _pad_id(tokenizer, stops), stops, batch_size)
-    return Engine(impl, tokenizer, stops)
+    decoder, prefix = soft_prompt(model)
+    return Engine(LocalEngine(decoder, _pad_id(tokenizer, stops), stops, batch_size, prefix), tokenizer, stops)
 
 
 def _pad_id(tokenizer, stops: set[int]) -> int:

@@ -51,19 +51,41 @@ def generate(
     stop_ids: set[int],
     pad_id: int,
     on_step: Callable[[int], None] | None = None,
+    soft_prompt: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Sample a continuation for each prompt (token ids); returns the new ids, stop id excluded.
 
     `on_step(step)` is called after every decoding step: a heartbeat for a watchdog that must
-    tell a slow batch from a hung one."""
+    tell a slow batch from a hung one. `soft_prompt` (virtual tokens x hidden size) is a prompt
+    tuning's soft prompt, put in front of every prompt once, in the prefill (soft_prompt())."""
     import torch
 
     with torch.inference_mode():
-        return _decode(model, prompts, seeds, sampling, stop_ids, pad_id, on_step)
+        return _decode(model, prompts, seeds, sampling, stop_ids, pad_id, on_step, soft_prompt)
+
+
+def soft_prompt(model) -> tuple[object, torch.Tensor | None]:
+    """(the model to decode with, its soft prompt): a prompt-tuned PeftModel's base model and
+    virtual-token embeddings; any other model as it is, and None.
+
+    PEFT puts the soft prompt inside forward(), which with a KV cache prepends it again at every
+    decoding step: transformers' generate() on a PEFT 0.18 prompt tuning under transformers 5
+    fed 21 positions per new token and wrote garbage ("TheYer\n\n\n..." where the same model
+    decoded without a cache answers). Handing the embeddings to the prefill puts them in the
+    cache once, as training saw them."""
+    import torch
+
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return model, None
+    with torch.no_grad():
+        prompt = model.get_prompt(batch_size=1)[0]
+    base = model.get_base_model()
+    return base, prompt.to(next(base.parameters()).dtype)
 
 
 def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_id: int,
-            on_step: Callable[[int], None] | None) -> list[list[int]]:
+            on_step: Callable[[int], None] | None, prefix: torch.Tensor | None = None) -> list[list[int]]:
     import torch
 
     device = next(model.parameters()).device
@@ -79,11 +101,19 @@ def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_i
     finished = [False] * len(prompts)
     past = None
     step_ids = input_ids
+    step_inputs = {"input_ids": input_ids}
+    if prefix is not None:
+        # [soft prompt][left padding][prompt]: the soft prompt takes positions 0..n-1, as in training.
+        embeds = model.get_input_embeddings()(input_ids)
+        prefix = prefix.to(device=device, dtype=embeds.dtype).unsqueeze(0).expand(len(prompts), -1, -1)
+        step_inputs = {"inputs_embeds": torch.cat([prefix, embeds], dim=1)}
+        attention = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long, device=device), attention], dim=1)
+        step_ids = attention
     for step in range(sampling.max_new_tokens):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
         # logits_to_keep=1: only the last position is sampled from, and the prompt's
         # full-vocabulary logits would dominate the prefill's cost.
-        out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
+        out = model(**step_inputs, attention_mask=attention, position_ids=positions,
                     past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         logits = out.logits[:, -1, :]
@@ -103,6 +133,7 @@ def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_i
         if all(finished):
             break
         step_ids = torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1)
+        step_inputs = {"input_ids": step_ids}
         attention = torch.cat([attention, torch.tensor([[0 if f else 1] for f in finished],
                                                        dtype=torch.long, device=device)], dim=1)
     return outputs

@@ -583,25 +583,28 @@ def _finish(cfg, run, method, hw, model, tokenizer, trainer, stage_cb, trainable
 
 
 def inference_speed(model, tokenizer, device: str) -> float:
-    """Greedy tokens/s of the tuned model over INFERENCE_PROMPTS, after one warm-up call."""
+    """Greedy tokens/s of the tuned model over INFERENCE_PROMPTS, after one warm-up call, through
+    the decoding loop the evaluation uses (PEFT's own generate() repeats a soft prompt at every
+    cached step: sampling.soft_prompt)."""
     import torch
+
+    from sit_core.engine.engines import model_engine
+    from sit_core.engine.sampling import Sampling, chat_prompt
 
     model.eval()
     model.config.use_cache = True
+    engine = model_engine(model, tokenizer)
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=INFERENCE_NEW_TOKENS)
     generated, seconds = 0, 0.0
-    with torch.no_grad():
-        for i, prompt in enumerate((INFERENCE_PROMPTS[0], *INFERENCE_PROMPTS)):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-            inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
-            t0 = time.perf_counter()
-            out = model.generate(**inputs, max_new_tokens=INFERENCE_NEW_TOKENS, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i > 0:  # the first call is the warm-up
-                seconds += time.perf_counter() - t0
-                generated += out.shape[1] - inputs["input_ids"].shape[1]
+    for i, prompt in enumerate((INFERENCE_PROMPTS[0], *INFERENCE_PROMPTS)):
+        ids = chat_prompt(tokenizer, None, prompt)
+        t0 = time.perf_counter()
+        [completion] = engine.generate([ids], [0], greedy)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:  # the first call is the warm-up
+            seconds += time.perf_counter() - t0
+            generated += len(completion.ids)
     model.config.use_cache = False
     return generated / seconds if seconds > 0 else 0.0
 

@@ -42,7 +42,7 @@ OVERRIDES = [
     "preference.num_pairs=2", "preference.min_pairs=1", "preference.min_margin=0", "preference.max_new_tokens=24",
     "training.max_steps=2", "training.validation_size=1", "training.max_seq_length=128",
     "evaluation.limit=1", "evaluation.agent.num_tasks=1", "evaluation.agent.max_steps=1",
-    "checkpoint_interval=2",
+    "generation.batch_size=8", "checkpoint_interval=2",
 ]
 
 # Stages long enough to be killed inside; filter and report take well under a second and

@@ -240,7 +240,7 @@ HUB_CHILD = textwrap.dedent("""
 
 HUB_OVERRIDES = ["generation.num_samples=4", "generation.instruction_max_tokens=24",
                  "generation.response_max_tokens=16", "filter.target_count=2", "preference.num_pairs=1",
-                 "checkpoint_interval=2", "hub_repo=alice/sit-chaos"]
+                 "generation.batch_size=8", "checkpoint_interval=2", "hub_repo=alice/sit-chaos"]
 
 
 def kill_at_held_commit(server: "_HubServer", n: int, cmd: list[str], env: dict) -> None:
