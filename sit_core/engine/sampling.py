@@ -80,8 +80,7 @@ def soft_prompt(model) -> tuple[object, torch.Tensor | None]:
         return model, None
     with torch.no_grad():
         prompt = model.get_prompt(batch_size=1)[0]
-    base = model.get_base_model()
-    return base, prompt.to(next(base.parameters()).dtype)
+    return model.get_base_model(), prompt  # cast to the embeddings' dtype where it is used
 
 
 def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_id: int,
