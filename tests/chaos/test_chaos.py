@@ -30,6 +30,7 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -79,22 +80,26 @@ def test_pipeline_killed_anywhere_equals_an_uninterrupted_run(tmp_path, smollm2_
     seed = int(os.environ.get("SIT_CHAOS_SEED") or random.SystemRandom().randrange(1_000_000))
     print(f"chaos seed: {seed} (replay with SIT_CHAOS_SEED={seed})")
     reference, run_dir = tmp_path / "reference", tmp_path / "chaos"
-    ref_s = harness.run_uninterrupted(reference, tmp_path / "prefect-ref", tmp_path / "reference.log")
-    print(f"uninterrupted run: {ref_s:.0f}s")
-    # What a library prints to a redirected stdout stays out of the run log (dill's bytecode
-    # scan, when datasets hashes a function during training, printed ~1,000 lines there).
-    assert "LOAD_GLOBAL" not in (tmp_path / "reference.log").read_text(errors="replace")
-
     stale_locks = []
 
     def record_stale_lock(kill: harness.Kill, killed: subprocess.Popen) -> None:
         lock = run_dir / harness.LOCK_NAME
         stale_locks.append(json.loads(lock.read_text())["pid"] == killed.pid if lock.exists() else False)
 
-    result = harness.run_with_kills(run_dir, tmp_path / "prefect-chaos", tmp_path / "chaos.log", seed=seed, kills=3,
-                                    on_first_session=_second_run_is_refused(tmp_path, run_dir),
-                                    after_kill=record_stale_lock)
+    # The uninterrupted run goes on beside the killed one: every process of a session computes on
+    # one thread (chaos_harness.session_env), so the two share the two cores instead of queueing.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        uninterrupted = pool.submit(harness.run_uninterrupted, reference, tmp_path / "prefect-ref",
+                                    tmp_path / "reference.log")
+        result = harness.run_with_kills(run_dir, tmp_path / "prefect-chaos", tmp_path / "chaos.log", seed=seed,
+                                        kills=3, on_first_session=_second_run_is_refused(tmp_path, run_dir),
+                                        after_kill=record_stale_lock)
+        ref_s = uninterrupted.result()
+    print(f"uninterrupted run: {ref_s:.0f}s")
     print(f"killed run: {result.wall_s:.0f}s over {result.sessions} sessions; kills: {result.kills}")
+    # What a library prints to a redirected stdout stays out of the run log (dill's bytecode
+    # scan, when datasets hashes a function during training, printed ~1,000 lines there).
+    assert "LOAD_GLOBAL" not in (tmp_path / "reference.log").read_text(errors="replace")
 
     assert len(result.kills) == 3
     landed = [k.stage for k in result.kills]
@@ -296,13 +301,18 @@ FRESH_VM_OVERRIDES = ["generation.num_samples=6", "generation.batch_size=2", "ge
                       "filter.length.min=3", "preference.num_pairs=1", "checkpoint_interval=2"]
 
 
+def start_reference(tmp_path: Path, run_dir: Path) -> subprocess.Popen:
+    """The uninterrupted run, beside the test's own: one thread per process, so they share the
+    two cores instead of queueing. harness.wait_for_success(...) before comparing."""
+    return harness.start_session([sys.executable, "-c", FRESH_VM_CHILD, str(run_dir), *FRESH_VM_OVERRIDES],
+                                 harness.session_env(tmp_path / "prefect-ref"), tmp_path / "reference.log")
+
+
 def test_fresh_vm_resumes_mid_stage_from_the_hub_and_equals_an_uninterrupted_run(tmp_path, smollm2_path, monkeypatch):
     """A Colab VM is lost mid-generation; a new VM with an empty disk pulls the hub mirror and
     continues from the last synced checkpoint: same records as a run that never stopped."""
     reference = tmp_path / "reference"
-    local_env = harness.session_env(tmp_path / "prefect-ref")
-    subprocess.run([sys.executable, "-c", FRESH_VM_CHILD, str(reference), *FRESH_VM_OVERRIDES], cwd=harness.REPO,
-                   env=local_env, check=True, capture_output=True, timeout=HANG_GUARD_S)
+    uninterrupted = start_reference(tmp_path, reference)
 
     fake = FakeHub()
     server = _HubServer(fake)
@@ -329,6 +339,7 @@ def test_fresh_vm_resumes_mid_stage_from_the_hub_and_equals_an_uninterrupted_run
 
     manifest = json.loads((second_vm / "generate" / "manifest.json").read_text())
     assert any(e["event"] == "resumed" for e in manifest["events"])  # continued, not started over
+    harness.wait_for_success(uninterrupted, HANG_GUARD_S, tmp_path / "reference.log", "reference run")
     for name in ("generate/generated.jsonl", "filter/kept.jsonl"):
         assert (second_vm / name).read_bytes() == (reference / name).read_bytes(), name
 
@@ -347,9 +358,7 @@ def test_sharded_run_killed_resumes_on_an_empty_machine_from_the_hub_alone(tmp_p
     stage runs; the VM dies; a new VM with an empty disk pulls the mirror, generates only the
     shards that never reached it, and writes what one uninterrupted process writes."""
     reference = tmp_path / "reference"
-    subprocess.run([sys.executable, "-c", FRESH_VM_CHILD, str(reference), *FRESH_VM_OVERRIDES], cwd=harness.REPO,
-                   env=harness.session_env(tmp_path / "prefect-ref"), check=True, capture_output=True,
-                   timeout=HANG_GUARD_S)
+    uninterrupted = start_reference(tmp_path, reference)
 
     fake = FakeHub()
     server = _HubServer(fake)
@@ -379,5 +388,6 @@ def test_sharded_run_killed_resumes_on_an_empty_machine_from_the_hub_alone(tmp_p
     manifest = json.loads((second_vm / "generate" / "manifest.json").read_text())
     assert any(e["event"] == "resumed" for e in manifest["events"])  # continued from the mirror's manifest
     assert "generate/generated.jsonl" in remote  # the end of the stage reached the mirror
+    harness.wait_for_success(uninterrupted, HANG_GUARD_S, tmp_path / "reference.log", "reference run")
     for name in ("generate/generated.jsonl", "generate/attempts.jsonl"):
         assert (second_vm / name).read_bytes() == (reference / name).read_bytes(), name
