@@ -65,7 +65,7 @@ class LocalEngine:
         out: list[Completion] = []
         for i in range(0, len(prompts), self.batch_size):
             for ids in generate(self.model, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
-                                sampling, self.stops, self.pad_id, soft_prompt=self.prefix):
+                                sampling, self.stops, self.pad_id, prefix=self.prefix):
                 out.append(Completion(ids, len(ids) >= sampling.max_new_tokens))
         return out
 

@@ -51,17 +51,17 @@ def generate(
     stop_ids: set[int],
     pad_id: int,
     on_step: Callable[[int], None] | None = None,
-    soft_prompt: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Sample a continuation for each prompt (token ids); returns the new ids, stop id excluded.
 
     `on_step(step)` is called after every decoding step: a heartbeat for a watchdog that must
-    tell a slow batch from a hung one. `soft_prompt` (virtual tokens x hidden size) is a prompt
+    tell a slow batch from a hung one. `prefix` (virtual tokens x hidden size) is a prompt
     tuning's soft prompt, put in front of every prompt once, in the prefill (soft_prompt())."""
     import torch
 
     with torch.inference_mode():
-        return _decode(model, prompts, seeds, sampling, stop_ids, pad_id, on_step, soft_prompt)
+        return _decode(model, prompts, seeds, sampling, stop_ids, pad_id, on_step, prefix)
 
 
 def soft_prompt(model) -> tuple[object, torch.Tensor | None]:
@@ -99,7 +99,6 @@ def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_i
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     past = None
-    step_ids = input_ids
     step_inputs = {"input_ids": input_ids}
     if prefix is not None:
         # [soft prompt][left padding][prompt]: the soft prompt takes positions 0..n-1, as in training.
@@ -107,9 +106,9 @@ def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_i
         prefix = prefix.to(device=device, dtype=embeds.dtype).unsqueeze(0).expand(len(prompts), -1, -1)
         step_inputs = {"inputs_embeds": torch.cat([prefix, embeds], dim=1)}
         attention = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long, device=device), attention], dim=1)
-        step_ids = attention
+    fed = attention.shape[1]  # positions the next forward call feeds: the prefill's, then one
     for step in range(sampling.max_new_tokens):
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -fed:]
         # logits_to_keep=1: only the last position is sampled from, and the prompt's
         # full-vocabulary logits would dominate the prefill's cost.
         out = model(**step_inputs, attention_mask=attention, position_ids=positions,
@@ -131,8 +130,8 @@ def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_i
             on_step(step)
         if all(finished):
             break
-        step_ids = torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1)
-        step_inputs = {"input_ids": step_ids}
+        step_inputs = {"input_ids": torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1)}
+        fed = 1
         attention = torch.cat([attention, torch.tensor([[0 if f else 1] for f in finished],
                                                        dtype=torch.long, device=device)], dim=1)
     return outputs
