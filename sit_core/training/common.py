@@ -592,8 +592,7 @@ def inference_speed(model, tokenizer, device: str) -> float:
     from sit_core.engine.sampling import Sampling, chat_prompt
 
     model.eval()
-    model.config.use_cache = True
-    engine = model_engine(model, tokenizer)
+    engine = model_engine(model, tokenizer)  # its loop asks for the KV cache itself
     greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=INFERENCE_NEW_TOKENS)
     generated, seconds = 0, 0.0
     for i, prompt in enumerate((INFERENCE_PROMPTS[0], *INFERENCE_PROMPTS)):
@@ -605,7 +604,6 @@ def inference_speed(model, tokenizer, device: str) -> float:
         if i > 0:  # the first call is the warm-up
             seconds += time.perf_counter() - t0
             generated += len(completion.ids)
-    model.config.use_cache = False
     return generated / seconds if seconds > 0 else 0.0
 
 
