@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -379,3 +380,47 @@ def test_a_prompt_tuning_decodes_as_its_uncached_forward_does(smollm2_path: Path
     for row, e in zip(out[:, width:].tolist(), expected):
         cut = next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), len(row))
         assert row[:cut] == e[:cut]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isolated", [False, True], ids=["in-process", "engine-process"])
+def test_variants_decoded_in_one_batch_reply_as_each_decodes_alone(smollm2_path: Path, tmp_path: Path,
+                                                                   isolated: bool) -> None:
+    """The evaluate stage decodes base, a LoRA and a prompt tuning in the same batches (PEFT's
+    mixed-adapter batch, the soft prompt in its rows only): each variant's agent replies are
+    the ones it gives decoded on its own, in this process or in the engine's."""
+    import torch
+    from peft import PeftModel, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import random_lora
+    from sit_core.engine.engines import engine_spec, model_engine, open_engine
+    from sit_core.stages.evaluate.agent import evaluate_agents
+
+    torch.manual_seed(0)
+    lora = str(random_lora(smollm2_path, tmp_path / "lora"))
+    prompt_tuning = tmp_path / "prompt_tuning"
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)).save_pretrained(prompt_tuning)
+    adapters = {"base": None, "lora": lora, "prompt_tuning": str(prompt_tuning)}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+
+    def replies(out: dict) -> list[str]:
+        return [turn["reply"] for task in out["tasks"] for turn in task["turns"]]
+
+    alone = {}
+    for variant, adapter in adapters.items():
+        model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+        model = PeftModel.from_pretrained(model, adapter).eval() if adapter else model
+        alone[variant] = replies(evaluate_agents(model_engine(model, tokenizer, 2), {variant: None},
+                                                 num_tasks=2, max_steps=1, seed=42)[variant])
+    cfg = load_config(None, preset="demo", profile="cpu")
+    spec = engine_spec(cfg, str(smollm2_path), batch_size=6, adapters=(lora, str(prompt_tuning)),
+                       isolated=isolated, log_path=tmp_path / "engine.log")
+    engine = open_engine(replace(spec, backend="transformers"), "target")
+    try:
+        together = evaluate_agents(engine, adapters, num_tasks=2, max_steps=1, seed=42)
+    finally:
+        engine.close()
+    assert {v: replies(out) for v, out in together.items()} == alone
+    assert alone["lora"] != alone["base"] and alone["prompt_tuning"] != alone["base"]  # both adapters act

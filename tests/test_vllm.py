@@ -20,7 +20,7 @@ from sit_core.driver import run_stage
 from sit_core.engine.worker import HANG_ENV
 from sit_core.store.fileio import read_json, read_jsonl
 
-from conftest import engine_processes, sigkill_when
+from conftest import engine_processes, random_lora, sigkill_when
 
 MAGPIE = ["generation.num_samples=12", "filter.target_count=6", "preference.num_pairs=3",
           "generation.instruction_max_tokens=40", "generation.response_max_tokens=24",
@@ -116,26 +116,9 @@ def test_preference_on_vllm_one_engine_for_three_settings_and_a_hung_engine_fall
     assert {r["key"]: r["response"] for r in after[:2]} == {k: clean_greedy[k] for k in [r["key"] for r in after[:2]]}
 
 
-def random_lora(base: Path, out: Path) -> Path:
-    """A LoRA adapter whose B matrices are not zero, so that it changes the model's outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return out
-
-
 def test_agent_evaluation_runs_base_and_a_lora_adapter_on_one_vllm_engine(tmp_path, vllm_python, smollm2_path):
     from sit_core.engine.engines import engine_spec, open_engine
-    from sit_core.stages.evaluate.agent import evaluate_agent, prompt_budget
+    from sit_core.stages.evaluate.agent import evaluate_agents, prompt_budget
 
     adapter = random_lora(smollm2_path, tmp_path / "adapter")
     cfg = on_vllm(vllm_python)
@@ -144,8 +127,8 @@ def test_agent_evaluation_runs_base_and_a_lora_adapter_on_one_vllm_engine(tmp_pa
                        log_path=tmp_path / "engine.log")
     engine = open_engine(spec, "target")
     try:
-        base = evaluate_agent(engine, num_tasks=3, max_steps=2, seed=42)
-        tuned = evaluate_agent(engine, num_tasks=3, max_steps=2, seed=42, adapter=str(adapter))
+        out = evaluate_agents(engine, {"base": None, "tuned": str(adapter)}, num_tasks=3, max_steps=2, seed=42)
+        base, tuned = out["base"], out["tuned"]
     finally:
         engine.close()
     assert base["summary"]["backend"] == tuned["summary"]["backend"] == "vllm"

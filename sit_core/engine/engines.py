@@ -50,27 +50,52 @@ class EngineFailed(Exception):
     """The engine process stalled or died (it has been killed); the caller goes on in stable mode."""
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How a LocalEngine applies one adapter: a LoRA by its PEFT adapter name, a prompt tuning
+    by its soft prompt; neither is the base model."""
+
+    lora: str | None = None
+    prefix: object = None  # torch.Tensor, virtual tokens x hidden size
+
+
 class LocalEngine:
-    """sit's decoding loop in this process, `batch_size` prompts at a time; a prompt tuning's
-    soft prompt (sampling.soft_prompt) goes in front of every prompt."""
+    """sit's decoding loop in this process, `batch_size` prompts at a time.
+
+    `variants` maps what a request names as its adapter (an adapter directory; None: no
+    adapter) to how it applies here. A batch may mix them: its rows share every decoding
+    step's pass over the base weights, which is what a step costs."""
 
     backend = "transformers"
     description = "sit's seeded decoding loop (sit_core/engine/sampling.py)"
 
-    def __init__(self, model, pad_id: int, stops: set[int], batch_size: int = 1, prefix=None):
-        self.model, self.pad_id, self.stops, self.batch_size, self.prefix = model, pad_id, stops, batch_size, prefix
+    def __init__(self, model, pad_id: int, stops: set[int], batch_size: int = 1,
+                 variants: dict[str | None, Variant] | None = None):
+        self.model, self.pad_id, self.stops, self.batch_size = model, pad_id, stops, batch_size
+        self.variants = variants or {None: Variant()}
 
     def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
-                 adapter: str | None = None) -> list[Completion]:
+                 adapters: Sequence[str | None] | None = None, on_step=None) -> list[Completion]:
+        rows = [self._variant(a) for a in adapters] if adapters is not None else [self._variant(None)] * len(prompts)
+        mixed = any(v.lora for v in self.variants.values())
         out: list[Completion] = []
         for i in range(0, len(prompts), self.batch_size):
+            batch = rows[i:i + self.batch_size]
             for ids in generate(self.model, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
-                                sampling, self.stops, self.pad_id, prefix=self.prefix):
+                                sampling, self.stops, self.pad_id, on_step,
+                                prefixes=[v.prefix for v in batch],
+                                adapter_names=[v.lora or "__base__" for v in batch] if mixed else None):
                 out.append(Completion(ids, len(ids) >= sampling.max_new_tokens))
         return out
 
+    def _variant(self, adapter: str | None) -> Variant:
+        try:
+            return self.variants[adapter]
+        except KeyError:
+            raise ValueError(f"this engine has no adapter {adapter!r}; it has {sorted(map(str, self.variants))}") from None
+
     def close(self) -> None:
-        self.model = self.prefix = None
+        self.model = self.variants = None
         release()
 
 
@@ -129,11 +154,12 @@ class EngineProcess:
         return message["ready"]["version"]
 
     def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
-                 adapter: str | None = None) -> list[Completion]:
+                 adapters: Sequence[str | None] | None = None) -> list[Completion]:
         """One call's completions. Raises EngineFailed, after killing the worker, on a stall or crash."""
+        adapters = adapters if adapters is not None else [None] * len(prompts)
         done = self._call({"generate": {"sampling": asdict(sampling),
-                                        "requests": [{"prompt": list(p), "seed": int(s), "adapter": adapter}
-                                                     for p, s in zip(prompts, seeds)]}})
+                                        "requests": [{"prompt": list(p), "seed": int(s), "adapter": a}
+                                                     for p, s, a in zip(prompts, seeds, adapters)]}})
         return [Completion(d["ids"], d["truncated"]) for d in done]
 
     def lm_eval(self, task: str, *, adapter: str | None, tokenizer: str, limit: int | None, seed: int) -> dict:
@@ -205,7 +231,7 @@ class Engine:
     """An engine for one model, with what the stages need around it: the model's tokenizer,
     its stop ids, and which backend answers."""
 
-    impl: LocalEngine | GenerateEngine | EngineProcess
+    impl: LocalEngine | EngineProcess
     tokenizer: object
     stops: set[int]
 
@@ -218,8 +244,10 @@ class Engine:
         """What generated, for a report to name beside the results."""
         return self.impl.description
 
-    def generate(self, prompts, seeds, sampling: Sampling, adapter: str | None = None) -> list[Completion]:
-        return self.impl.generate(prompts, seeds, sampling, adapter)
+    def generate(self, prompts, seeds, sampling: Sampling, adapters: Sequence[str | None] | None = None) -> list[Completion]:
+        """Completions of `prompts`; `adapters` names each prompt's adapter directory (None:
+        the base model), on engines that hold them."""
+        return self.impl.generate(prompts, seeds, sampling, adapters)
 
     def close(self) -> None:
         self.impl.close()
@@ -242,6 +270,10 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.85
     max_lora_rank: int | None = None
     log_path: Path | None = None
+    # transformers only: PEFT adapter directories loaded beside the base model, which requests
+    # name (LocalEngine), and the worker process's torch threads (None: torch's default).
+    adapters: tuple[str, ...] = ()
+    threads: int | None = None
 
 
 def engine_spec(cfg: SitConfig, model: str, *, stable: bool = False, isolated: bool = False, **settings) -> EngineSpec:
@@ -269,9 +301,10 @@ def open_engine(spec: EngineSpec, name: str, tokenizer=None, *, lm_eval: dict | 
     tokenizer = tokenizer or load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     _, after_user = pre_query_template(tokenizer, None)
     if spec.backend == "transformers" and not spec.isolated:
-        lm = load_causal_lm(spec.model, load_in_4bit=spec.load_in_4bit, trust_remote_code=spec.trust_remote_code)
-        stops = stop_token_ids(eos_token_ids(lm.model.generation_config), tokenizer, after_user)
-        return Engine(LocalEngine(lm.model, _pad_id(tokenizer, stops), stops, spec.batch_size), tokenizer, stops)
+        model, variants = load_variants(spec.model, spec.adapters, load_in_4bit=spec.load_in_4bit,
+                                        trust_remote_code=spec.trust_remote_code)
+        stops = stop_token_ids(eos_token_ids(model.generation_config), tokenizer, after_user)
+        return Engine(LocalEngine(model, _pad_id(tokenizer, stops), stops, spec.batch_size, variants), tokenizer, stops)
     path = resolve_model_path(spec.model)
     stops = stop_token_ids(eos_token_ids(path), tokenizer, after_user)
     init = {"backend": spec.backend, "model": path, "stop_ids": sorted(stops),
@@ -284,7 +317,8 @@ def open_engine(spec: EngineSpec, name: str, tokenizer=None, *, lm_eval: dict | 
             init.update(backend="lm_eval", **lm_eval)
         python = spec.vllm_python
     else:
-        init["load_in_4bit"] = spec.load_in_4bit
+        init.update(load_in_4bit=spec.load_in_4bit, adapters=list(spec.adapters), threads=spec.threads,
+                    pad_id=_pad_id(tokenizer, stops))
         python = sys.executable
     process = EngineProcess(python, init, name=name, stall_timeout_s=spec.stall_timeout_s, log_path=spec.log_path)
     return Engine(process, tokenizer, stops)
@@ -297,10 +331,40 @@ def decode(engine: Engine, completion: Completion) -> str:
 
 def model_engine(model, tokenizer, batch_size: int = 1) -> Engine:
     """An Engine over a model already loaded in this process (base, LoRA or prompt tuning): sit's loop."""
+    decoder, prefix = soft_prompt(model)
     after_user = pre_query_template(tokenizer, None)[1] if getattr(tokenizer, "chat_template", None) else ""
     stops = stop_token_ids(eos_token_ids(model.generation_config), tokenizer, after_user)
-    decoder, prefix = soft_prompt(model)
-    return Engine(LocalEngine(decoder, _pad_id(tokenizer, stops), stops, batch_size, prefix), tokenizer, stops)
+    return Engine(LocalEngine(decoder, _pad_id(tokenizer, stops), stops, batch_size, {None: Variant(prefix=prefix)}),
+                  tokenizer, stops)
+
+
+def load_variants(model: str, adapters: Sequence[str], *, load_in_4bit: bool = False,
+                  trust_remote_code: bool = False) -> tuple[object, dict[str | None, Variant]]:
+    """One copy of the base model `model` with every adapter directory in `adapters` on it:
+    LoRAs as named adapters of one PeftModel, prompt tunings as soft prompts. Returns the model
+    to decode with and LocalEngine's variants."""
+    base = load_causal_lm(model, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code).model
+    variants: dict[str | None, Variant] = {None: Variant()}
+    if not adapters:
+        return base, variants
+    from peft import PeftConfig, PeftModel
+
+    loras = []
+    for adapter in adapters:
+        if PeftConfig.from_pretrained(adapter).is_prompt_learning:
+            # Prompt learning adds no layers to the base model: its wrapper is dropped once the
+            # soft prompt is read.
+            variants[adapter] = Variant(prefix=soft_prompt(PeftModel.from_pretrained(base, adapter))[1])
+        else:
+            loras.append(adapter)
+    decoder = base
+    for n, adapter in enumerate(loras):
+        if n == 0:
+            decoder = PeftModel.from_pretrained(base, adapter, adapter_name=f"lora{n}")
+        else:
+            decoder.load_adapter(adapter, adapter_name=f"lora{n}")
+        variants[adapter] = Variant(lora=f"lora{n}")
+    return decoder.eval(), variants
 
 
 def _pad_id(tokenizer, stops: set[int]) -> int:

@@ -51,17 +51,21 @@ def generate(
     stop_ids: set[int],
     pad_id: int,
     on_step: Callable[[int], None] | None = None,
-    prefix: torch.Tensor | None = None,
+    prefixes: Sequence[torch.Tensor | None] | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """Sample a continuation for each prompt (token ids); returns the new ids, stop id excluded.
 
     `on_step(step)` is called after every decoding step: a heartbeat for a watchdog that must
-    tell a slow batch from a hung one. `prefix` (virtual tokens x hidden size) is a prompt
-    tuning's soft prompt, put in front of every prompt once, in the prefill (soft_prompt())."""
+    tell a slow batch from a hung one. Per prompt, optionally:
+    - `prefixes`: a prompt tuning's soft prompt (virtual tokens x hidden size) or None, put in
+      front of the prompt once, in the prefill (soft_prompt());
+    - `adapter_names`: the LoRA adapter of a PeftModel holding several ("__base__": none), so
+      that one batch decodes several variants of one base model (PEFT's mixed-adapter batch)."""
     import torch
 
     with torch.inference_mode():
-        return _decode(model, prompts, seeds, sampling, stop_ids, pad_id, on_step, prefix)
+        return _decode(model, prompts, seeds, sampling, stop_ids, pad_id, on_step, prefixes, adapter_names)
 
 
 def soft_prompt(model) -> tuple[object, torch.Tensor | None]:
@@ -84,7 +88,7 @@ def soft_prompt(model) -> tuple[object, torch.Tensor | None]:
 
 
 def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_id: int,
-            on_step: Callable[[int], None] | None, prefix: torch.Tensor | None = None) -> list[list[int]]:
+            on_step: Callable[[int], None] | None, prefixes=None, adapter_names=None) -> list[list[int]]:
     import torch
 
     device = next(model.parameters()).device
@@ -100,19 +104,27 @@ def _decode(model, prompts, seeds, sampling: Sampling, stop_ids: set[int], pad_i
     finished = [False] * len(prompts)
     past = None
     step_inputs = {"input_ids": input_ids}
-    if prefix is not None:
-        # [soft prompt][left padding][prompt]: the soft prompt takes positions 0..n-1, as in training.
+    if prefixes is not None and any(p is not None for p in prefixes):
+        # [soft prompt][left padding][prompt]: the soft prompt takes positions 0..n-1, as in
+        # training; a row without one has those slots masked, like padding.
         embeds = model.get_input_embeddings()(input_ids)
-        prefix = prefix.to(device=device, dtype=embeds.dtype).unsqueeze(0).expand(len(prompts), -1, -1)
-        step_inputs = {"inputs_embeds": torch.cat([prefix, embeds], dim=1)}
-        attention = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long, device=device), attention], dim=1)
+        slots = max(p.shape[0] for p in prefixes if p is not None)
+        soft = torch.zeros((len(prompts), slots, embeds.shape[-1]), dtype=embeds.dtype, device=device)
+        soft_mask = torch.zeros((len(prompts), slots), dtype=torch.long, device=device)
+        for i, p in enumerate(prefixes):
+            if p is not None:
+                soft[i, slots - p.shape[0]:] = p.to(device=device, dtype=embeds.dtype)
+                soft_mask[i, slots - p.shape[0]:] = 1
+        step_inputs = {"inputs_embeds": torch.cat([soft, embeds], dim=1)}
+        attention = torch.cat([soft_mask, attention], dim=1)
+    mixed = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
     fed = attention.shape[1]  # positions the next forward call feeds: the prefill's, then one
     for step in range(sampling.max_new_tokens):
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -fed:]
         # logits_to_keep=1: only the last position is sampled from, and the prompt's
         # full-vocabulary logits would dominate the prefill's cost.
         out = model(**step_inputs, attention_mask=attention, position_ids=positions,
-                    past_key_values=past, use_cache=True, logits_to_keep=1)
+                    past_key_values=past, use_cache=True, logits_to_keep=1, **mixed)
         past = out.past_key_values
         logits = out.logits[:, -1, :]
         next_ids = []

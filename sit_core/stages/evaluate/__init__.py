@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import queue
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 from sit_core.config import SitConfig, at_legacy
@@ -115,10 +119,13 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
     total = len(ready) * per_variant
     done = sum(finished(cfg, stage.dir, variant, data) for variant in ready)
 
-    def step() -> None:
+    def report(kind: str, step: bool = True, **details) -> None:
+        """An event in the manifest; `step`: one finished item of the progress."""
         nonlocal done
-        done += 1
-        stage.progress(done, total)
+        stage.event(kind, **details)
+        if step:
+            done += 1
+            stage.progress(done, total)
 
     stage.progress(done, total)
     # On a CPU every variant is scored on transformers, so the report compares them on one
@@ -126,12 +133,26 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
     # (PunicaWrapperCPU): the demo's SFT agent turns took over 15 min where base took 1, and its
     # ifeval was no faster than on transformers, after a 25 s engine start (bench/README).
     if cfg.generation.backend == "vllm" and cuda_available():
-        _on_vllm(cfg, run_dir, stage, ready, step)
-    for variant in ready:
-        _evaluate_variant(cfg, run_dir, stage, variant, data, step)
+        _on_vllm(cfg, run_dir, stage, ready, report)
+    beside = _start_beside(cfg, run_dir, stage, ready, data)
+    try:
+        for variant in ready:
+            _evaluate_variant(cfg, run_dir, stage, variant, data, report)
+            if beside:
+                beside.drain(report)
+        if beside:
+            beside.join(report)
+    finally:
+        if beside:
+            beside.restore_threads()
+    if any(_decoding_pending(cfg, stage.dir, ready, data)):
+        engine = _decoding_engine(cfg, run_dir, stage.dir, ready, isolated=False)
+        try:
+            _decode_together(cfg, run_dir, stage.dir, ready, data, engine, report)
+        finally:
+            engine.close()
     if data:
-        held_out.judge(cfg, stage.dir, ready, data,
-                       lambda variant: (stage.event("answers_scored", variant=variant), step()))
+        held_out.judge(cfg, stage.dir, ready, data, lambda variant: report("answers_scored", variant=variant))
 
     agentbench_file = None
     if ev.agent.enabled and ev.agent.agentbench_path:
@@ -206,56 +227,174 @@ def _pending_tasks(cfg: SitConfig, stage_dir: Path, variant: str) -> list[str]:
     return [t for t in cfg.evaluation.tasks if t not in results]
 
 
-def _save_task(stage, variant: str, task: str, result: dict, backend: str) -> None:
+def _save_task(stage_dir: Path, variant: str, task: str, result: dict, backend: str, report) -> None:
     """Fold one task's result into the variant's lm-eval JSON, naming the backend that scored it."""
-    merged = merge_results(_lm_eval_results(stage.dir, variant), {**result, SCORED_BY: {task: backend}})
-    atomic_write_json(_lm_eval_file(stage.dir, variant), merged)
-    stage.event("task_evaluated", variant=variant, task=task, backend=backend)
+    merged = merge_results(_lm_eval_results(stage_dir, variant), {**result, SCORED_BY: {task: backend}})
+    atomic_write_json(_lm_eval_file(stage_dir, variant), merged)
+    report("task_evaluated", variant=variant, task=task, backend=backend)
 
 
-def _save_agent(stage, variant: str, out: dict, engine) -> None:
-    atomic_write_json(_agent_file(stage.dir, variant), {"variant": variant, **out})
-    stage.event("agent_evaluated", variant=variant, success_rate=out["summary"]["success_rate"],
-                backend=engine.backend)
+def _save_agent(stage_dir: Path, variant: str, out: dict, engine, report) -> None:
+    atomic_write_json(_agent_file(stage_dir, variant), {"variant": variant, **out})
+    report("agent_evaluated", variant=variant, success_rate=out["summary"]["success_rate"], backend=engine.backend)
 
 
-def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: dict | None, step) -> None:
-    """Evaluate what is still pending for one variant on transformers; the model loads only if
-    something is."""
-    from sit_core.engine.engines import model_engine
+def _adapters(run_dir: Path, variants: list[str]) -> dict[str, str | None]:
+    """variant -> its adapter directory; None for base."""
+    return {v: str(adapter_dir(run_dir, v)) if v != "base" else None for v in variants}
+
+
+def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: dict | None, report) -> None:
+    """What one variant's own model scores: its pending lm-eval tasks and log-likelihood
+    signals, on transformers; the model loads only if something is pending."""
     from sit_core.engine.models import release, resolve_model_path
     from sit_core.stages.evaluate import lm_eval_runner
-    from sit_core.stages.evaluate.agent import evaluate_agent
 
     ev = cfg.evaluation
     signals_file = stage.dir / "held_out" / f"{variant}.json"
     pending = _pending_tasks(cfg, stage.dir, variant)
-    agent_pending = ev.agent.enabled and not _agent_file(stage.dir, variant).exists()
-    signals_pending = held_out.pending(signals_file) if data else []
-    if not pending and not agent_pending and not signals_pending:
+    signals_pending = [s for s in held_out.pending(signals_file) if s != "answers"] if data else []
+    if not pending and not signals_pending:
         return
-    adapter = adapter_dir(run_dir, variant) if variant != "base" else None
-    lm = lm_eval_runner.load_lm(resolve_model_path(cfg.models.target), adapter, ev.batch_size,
-                                trust_remote_code=cfg.models.trust_remote_code)
+    lm = lm_eval_runner.load_lm(resolve_model_path(cfg.models.target), adapter_dir(run_dir, variant) if
+                                variant != "base" else None, ev.batch_size, trust_remote_code=cfg.models.trust_remote_code)
     try:
         for task in pending:
             result = lm_eval_runner.evaluate_task(lm, task, limit=ev.limit, seed=cfg.seed)
-            _save_task(stage, variant, task, result, lm_eval_runner.description(lm))
-            step()
-        if agent_pending:
-            engine = model_engine(lm.model, lm.tokenizer, ev.batch_size)
-            _save_agent(stage, variant, evaluate_agent(engine, num_tasks=ev.agent.num_tasks,
-                                                       max_steps=ev.agent.max_steps, seed=cfg.seed), engine)
-            step()
+            _save_task(stage.dir, variant, task, result, lm_eval_runner.description(lm), report)
         if signals_pending:
-            signals_file.parent.mkdir(parents=True, exist_ok=True)
-            held_out.compute(cfg, lm.model, lm.tokenizer, data, signals_file,
-                             lambda signal: (stage.event("held_out_evaluated", variant=variant, signal=signal), step()))
+            held_out.score(cfg, lm.model, lm.tokenizer, signals_file, data,
+                           lambda signal: report("held_out_evaluated", variant=variant, signal=signal))
     finally:
         release(lm)
 
 
-def _on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str], step) -> None:
+def _decoding_pending(cfg: SitConfig, stage_dir: Path, variants: list[str], data: dict | None) -> tuple[list, list]:
+    """(variants whose agent evaluation is missing, variants whose held-out answers are)."""
+    agent = [v for v in variants if cfg.evaluation.agent.enabled and not _agent_file(stage_dir, v).exists()]
+    answers = [v for v in variants if data and "answers" in held_out.pending(stage_dir / "held_out" / f"{v}.json")]
+    return agent, answers
+
+
+def _decoding_engine(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: list[str], *, isolated: bool,
+                     threads: int | None = None):
+    """One engine on transformers for the variants' decoding: the base model with every
+    variant's adapter on it (engines.load_variants), so one batch decodes them all. Each
+    variant keeps its own batch budget (evaluation.batch_size) inside the shared batch."""
+    from sit_core.engine.engines import engine_spec, open_engine
+
+    adapters = tuple(a for a in _adapters(run_dir, variants).values() if a)
+    spec = engine_spec(cfg, cfg.models.target, batch_size=cfg.evaluation.batch_size * len(variants),
+                       adapters=adapters, threads=threads, log_path=stage_dir / "engine.log")
+    return open_engine(replace(spec, backend="transformers", isolated=isolated), cfg.models.target)
+
+
+def _decode_together(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: list[str], data: dict | None,
+                     engine, report) -> None:
+    """The agent evaluations and held-out answers still missing, every variant in the same
+    batches: a decoding step costs about one pass over the base weights, for 16 rows little more
+    than for 4."""
+    from sit_core.engine.models import load_tokenizer, resolve_model_path
+    from sit_core.stages.evaluate.agent import evaluate_agents
+    from sit_core.stages.evaluate.lm_eval_runner import tokenizer_dir
+
+    ev = cfg.evaluation
+    agent, answers = _decoding_pending(cfg, stage_dir, variants, data)
+    adapters = _adapters(run_dir, [v for v in variants if v in agent or v in answers])
+    model_path = resolve_model_path(cfg.models.target)
+    tokenizers = {v: load_tokenizer(tokenizer_dir(model_path, a), trust_remote_code=cfg.models.trust_remote_code)
+                  for v, a in adapters.items()}
+    if agent:
+        results = evaluate_agents(engine, {v: adapters[v] for v in agent}, num_tasks=ev.agent.num_tasks,
+                                  max_steps=ev.agent.max_steps, seed=cfg.seed, tokenizers=tokenizers)
+        for variant in agent:
+            _save_agent(stage_dir, variant, results[variant], engine, report)
+    if answers:
+        held_out.answer(cfg, engine, {v: adapters[v] for v in answers}, tokenizers, data, stage_dir,
+                        lambda v: report("held_out_evaluated", variant=v, signal="answers"))
+
+
+def _start_beside(cfg: SitConfig, run_dir: Path, stage, variants: list[str], data: dict | None) -> _Beside | None:
+    """On a CPU of 2 cores or more, the decoding (_decode_together) runs in an engine process on
+    half of them, then the reward scores of the answers on that half too, while this process
+    scores the variants on the rest. A few rows decode barely faster on 2 threads than on 1
+    (ifeval on the 2-core EPYC: 17.5 s against 19.8 s), and two single-threaded processes did
+    two in 20 s (bench/README, session 8). On a GPU the two would share one device: everything
+    runs here, one after the other."""
+    cores = len(os.sched_getaffinity(0))
+    if cuda_available() or cores < 2 or not any(_decoding_pending(cfg, stage.dir, variants, data)):
+        return None
+    # transformers resolves its classes on first use, and two threads resolving them at once
+    # found half-initialised modules ("module 'transformers' has no attribute 'AutoConfig'").
+    from transformers import (AutoConfig, AutoModelForCausalLM,  # noqa: F401
+                              AutoModelForSequenceClassification, AutoTokenizer)
+
+    def work(report) -> None:
+        engine = _decoding_engine(cfg, run_dir, stage.dir, variants, isolated=True, threads=cores // 2)
+        report("engine_started", step=False, backend=engine.backend, engine=engine.description, variants=variants)
+        try:
+            _decode_together(cfg, run_dir, stage.dir, variants, data, engine, report)
+        finally:
+            engine.close()
+        if data:
+            # The engine's cores are free again; this thread's torch calls run on them.
+            held_out.judge(cfg, stage.dir, variants, data, lambda variant: report("answers_scored", variant=variant))
+
+    return _Beside(work, threads_left=cores - cores // 2)
+
+
+class _Beside:
+    """Work on a thread beside the stage's own, which meanwhile runs torch on `threads_left`
+    threads. What the work reports is replayed on the stage's thread, which alone writes the
+    manifest and talks to Prefect. An engine that fails there is recorded, and what it left
+    undone is done in this process after."""
+
+    def __init__(self, work, threads_left: int):
+        import torch
+
+        self._threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads_left)
+        self._reports: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True, name="sit-evaluate-beside")
+        self._thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            work(lambda kind, **details: self._reports.put((kind, details)))
+        except BaseException as e:  # noqa: BLE001 - handed to the stage's thread in join()
+            self._error = e
+
+    def drain(self, report) -> None:
+        while True:
+            try:
+                kind, details = self._reports.get_nowait()
+            except queue.Empty:
+                break
+            report(kind, **details)
+        if not self._thread.is_alive():
+            self.restore_threads()
+
+    def restore_threads(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._threads_before)
+
+    def join(self, report) -> None:
+        from sit_core.engine.engines import EngineFailed
+
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+            self.drain(report)
+        self.drain(report)
+        if isinstance(self._error, EngineFailed):
+            report("engine_failed", step=False, backend="transformers", reason=str(self._error),
+                   fallback="in the stage's process")
+        elif self._error is not None:
+            raise self._error
+
+
+def _on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str], report) -> None:
     """On a GPU: lm-eval's generation tasks (ifeval), through lm-eval's vLLM model, for base and
     the LoRA variants on one engine, each variant's adapter a LoRA request on it, and their agent
     evaluations on the same engine. An engine that fails leaves what it had not done to the
@@ -270,9 +409,9 @@ def _on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str], step) -> No
       is what vLLM speeds up."""
     from sit_core.config.backend import find_vllm_python, has_module
     from sit_core.engine.engines import EngineFailed, engine_spec, open_engine
-    from sit_core.engine.models import resolve_model_path
+    from sit_core.engine.models import load_tokenizer, resolve_model_path
     from sit_core.stages.evaluate import harness, lm_eval_runner
-    from sit_core.stages.evaluate.agent import evaluate_agent, prompt_budget
+    from sit_core.stages.evaluate.agent import evaluate_agents, prompt_budget
     from sit_core.stages.evaluate.nltk_punkt import ensure_punkt_tab
 
     ev = cfg.evaluation
@@ -301,20 +440,21 @@ def _on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str], step) -> No
         stage.event("engine_failed", backend="vllm", reason=str(e), fallback="transformers")
         return
     stage.event("engine_started", backend=engine.backend, engine=engine.description, variants=lora)
+    adapters = _adapters(run_dir, lora)
+    tokenizers = {v: load_tokenizer(lm_eval_runner.tokenizer_dir(model_path, a), trust_remote_code=cfg.models.trust_remote_code)
+                  for v, a in adapters.items()}
     try:
         for variant in lora:
-            adapter = adapter_dir(run_dir, variant) if variant != "base" else None
             for task in tasks[variant]:
-                result = engine.impl.lm_eval(task, adapter=str(adapter) if adapter else None,
-                                             tokenizer=lm_eval_runner.tokenizer_dir(model_path, adapter),
+                result = engine.impl.lm_eval(task, adapter=adapters[variant],
+                                             tokenizer=lm_eval_runner.tokenizer_dir(model_path, adapters[variant]),
                                              limit=ev.limit, seed=cfg.seed)
-                _save_task(stage, variant, task, result, engine.description)
-                step()
-            if variant in agent:
-                _save_agent(stage, variant, evaluate_agent(engine, num_tasks=ev.agent.num_tasks,
-                                                           max_steps=ev.agent.max_steps, seed=cfg.seed,
-                                                           adapter=str(adapter) if adapter else None), engine)
-                step()
+                _save_task(stage.dir, variant, task, result, engine.description, report)
+        if agent:
+            results = evaluate_agents(engine, {v: adapters[v] for v in agent}, num_tasks=ev.agent.num_tasks,
+                                      max_steps=ev.agent.max_steps, seed=cfg.seed, tokenizers=tokenizers)
+            for variant in agent:
+                _save_agent(stage.dir, variant, results[variant], engine, report)
     except EngineFailed as e:
         stage.event("engine_failed", backend="vllm", reason=str(e), fallback="transformers")
     finally:

@@ -248,19 +248,20 @@ class Conversation:
                 "tool_calls": sum(1 for t in turns if "tool" in t), "turns": turns}
 
 
-def solve_all(tasks: list[AgentTask], reply: Callable[[list[list[dict]]], list[str]], max_steps: int) -> list[dict]:
-    """Every task's transcript and outcome. `reply` answers the open conversations (lists of
-    messages) together, one engine call per step."""
+def solve_all(tasks: list[AgentTask], reply: Callable[[list[int], list[list[dict]]], list[str]],
+              max_steps: int) -> list[dict]:
+    """Every task's transcript and outcome. `reply` answers the open conversations together, one
+    engine call per step: it gets their positions in `tasks` and their messages."""
     conversations = [Conversation(task, max_steps) for task in tasks]
-    while open_ := [c for c in conversations if not c.done]:
-        for conversation, text in zip(open_, reply([c.messages for c in open_])):
-            conversation.advance(text)
+    while open_ := [i for i, c in enumerate(conversations) if not c.done]:
+        for i, text in zip(open_, reply(open_, [conversations[i].messages for i in open_])):
+            conversations[i].advance(text)
     return [c.result() for c in conversations]
 
 
 def solve(task: AgentTask, reply: Callable[[list[dict]], str], max_steps: int) -> dict:
     """One task against `reply` (messages -> assistant text)."""
-    return solve_all([task], lambda batch: [reply(messages) for messages in batch], max_steps)[0]
+    return solve_all([task], lambda _, batch: [reply(messages) for messages in batch], max_steps)[0]
 
 
 def summarize(results: list[dict]) -> dict:
@@ -295,15 +296,16 @@ def render(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer("\n\n".join(lines) + "\n\nAssistant:")["input_ids"]
 
 
-def engine_replier(engine, adapter: str | None = None) -> Callable[[list[list[dict]]], list[str]]:
-    """Greedy replies from an engine (`adapter`: a LoRA directory, for vLLM). A reply is cut
-    where its first tool call or answer ends: what follows is never read, and must not be fed
-    back into the next turn's prompt."""
+def engine_replier(engine, adapters: list[str | None], tokenizers: list) -> Callable[[list[int], list[list[dict]]], list[str]]:
+    """Greedy replies from an engine, conversation i with adapter directory `adapters[i]` (None:
+    the base model), rendered and read with `tokenizers[i]`. A reply is cut where its first tool
+    call or answer ends: what follows is never read, and must not be fed back into the next
+    turn's prompt."""
 
-    def reply(conversations: list[list[dict]]) -> list[str]:
-        prompts = [render(engine.tokenizer, messages) for messages in conversations]
-        completions = engine.generate(prompts, [0] * len(prompts), REPLY, adapter)
-        texts = [engine.tokenizer.decode(c.ids, skip_special_tokens=True) for c in completions]
+    def reply(rows: list[int], conversations: list[list[dict]]) -> list[str]:
+        prompts = [render(tokenizers[i], messages) for i, messages in zip(rows, conversations)]
+        completions = engine.generate(prompts, [0] * len(prompts), REPLY, [adapters[i] for i in rows])
+        texts = [tokenizers[i].decode(c.ids, skip_special_tokens=True) for i, c in zip(rows, completions)]
         return [text[:_first_call(text)[1]].strip() for text in texts]
 
     return reply
@@ -319,9 +321,22 @@ def prompt_budget(model: str, num_tasks: int, max_steps: int, seed: int, trust_r
     return first + max_steps * (REPLY.max_new_tokens + 48)
 
 
-def evaluate_agent(engine, *, num_tasks: int, max_steps: int, seed: int, adapter: str | None = None) -> dict:
-    results = solve_all(build_tasks(num_tasks, seed), engine_replier(engine, adapter), max_steps)
-    return {"summary": {**summarize(results), "backend": engine.backend}, "tasks": results}
+def evaluate_agents(engine, adapters: dict[str, str | None], *, num_tasks: int, max_steps: int, seed: int,
+                    tokenizers: dict | None = None) -> dict[str, dict]:
+    """Each variant's agent evaluation: its summary and transcripts. `adapters` maps a variant
+    to its adapter directory (None: the base model); `tokenizers`, to the tokenizer whose chat
+    template it was trained with (default: the engine's). The variants' conversations advance
+    together, one engine call per step for all of them, so their rows share decoding steps."""
+    tasks = build_tasks(num_tasks, seed)
+    variants = [v for v in adapters for _ in tasks]
+    tokenizer = {v: (tokenizers or {}).get(v, engine.tokenizer) for v in adapters}
+    results = solve_all(tasks * len(adapters), engine_replier(engine, [adapters[v] for v in variants],
+                                                              [tokenizer[v] for v in variants]), max_steps)
+    out = {}
+    for n, variant in enumerate(adapters):
+        mine = results[n * len(tasks):(n + 1) * len(tasks)]
+        out[variant] = {"summary": {**summarize(mine), "backend": engine.backend}, "tasks": mine}
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ learned from:
 - `preference`: per held-out preference pair (DPO's validation split), the log-probability
   margin log p(chosen) - log p(rejected) of the responses;
 - `answers`: each variant answers the held-out instructions with the same sampling settings
-  (the pipeline's response temperature and top-p, evaluation.answer_max_tokens new tokens); the pipeline's reward scorer then scores every answer,
-  and each variant's scores are compared with base's on the same instruction (the win rate).
+  (the pipeline's response temperature and top-p, evaluation.answer_max_tokens new tokens),
+  every variant in the same batches; the pipeline's reward scorer then scores every answer, and
+  each variant's scores are compared with base's on the same instruction (the win rate).
 
 Each variant's signals are saved in `held_out/<variant>.json` one signal at a time, and the
 reward scores in `held_out/judge.json` one variant at a time, so a resumed stage recomputes
@@ -16,6 +17,7 @@ nothing that finished.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -61,30 +63,56 @@ def pending(path: Path) -> list[str]:
     return [s for s in SIGNALS if s not in done]
 
 
-def compute(cfg: SitConfig, model, tokenizer, data: dict, path: Path, on_signal: Callable[[str], None]) -> None:
-    """The signals still missing from one variant's file, saved as each finishes."""
-    out = read_json(path) if path.exists() else {}
+def score(cfg: SitConfig, model, tokenizer, path: Path, data: dict, on_signal: Callable[[str], None]) -> None:
+    """The log-likelihood signals (loss, preference) still missing from one variant's file,
+    saved as each finishes; `model` is the variant loaded on its own."""
     max_length = cfg.training.max_seq_length
-    for signal in pending(path):
+    for signal in [s for s in pending(path) if s != "answers"]:
         if signal == "loss":
             scored = [response_logprob(model, tokenizer, [user(r["instruction"])], [assistant(r["response"])],
                                        max_length) for r in data["records"]]
-            out["loss"] = {"values": [-lp / max(1, n) for lp, n in scored], "tokens": [n for _, n in scored]}
-        elif signal == "preference":
-            out["preference"] = {"margins": [
+            _save_signal(path, "loss", {"values": [-lp / max(1, n) for lp, n in scored], "tokens": [n for _, n in scored]})
+        else:
+            _save_signal(path, "preference", {"margins": [
                 response_logprob(model, tokenizer, p["prompt"], p["chosen"], max_length)[0]
                 - response_logprob(model, tokenizer, p["prompt"], p["rejected"], max_length)[0]
-                for p in data["pairs"]]}
-        else:
-            instructions = [r["instruction"] for r in data["records"]]
-            settings = sampling(cfg)
-            ids, backend = answer(model, tokenizer, instructions, [_seed(cfg, i) for i in range(len(instructions))],
-                                  settings)
-            out["answers"] = {"texts": [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids],
-                              "tokens": [len(x) for x in ids],
-                              "truncated": [len(x) >= settings.max_new_tokens for x in ids], "backend": backend}
-        atomic_write_json(path, out)
+                for p in data["pairs"]]})
         on_signal(signal)
+
+
+def answer(cfg: SitConfig, engine, adapters: dict[str, str | None], tokenizers: dict, data: dict, stage_dir: Path,
+           on_variant: Callable[[str], None]) -> None:
+    """Every variant's answers to the held-out instructions, in one engine call whose rows mix
+    the variants (`adapters`: variant -> adapter directory, None for base), saved in each
+    variant's file. Each variant's prompts go through its own tokenizer's chat template."""
+    from sit_core.engine.sampling import chat_prompt
+
+    instructions = [r["instruction"] for r in data["records"]]
+    seeds = [_seed(cfg, i) for i in range(len(instructions))]
+    settings = sampling(cfg)
+    prompts = [chat_prompt(tokenizers[v], None, text) for v in adapters for text in instructions]
+    completions = engine.generate(prompts, seeds * len(adapters), settings,
+                                  [a for a in adapters.values() for _ in instructions])
+    for n, variant in enumerate(adapters):
+        ids = [c.ids for c in completions[n * len(instructions):(n + 1) * len(instructions)]]
+        _save_signal(stage_dir / "held_out" / f"{variant}.json", "answers", {
+            "texts": [tokenizers[variant].decode(x, skip_special_tokens=True).strip() for x in ids],
+            "tokens": [len(x) for x in ids], "truncated": [len(x) >= settings.max_new_tokens for x in ids],
+            "backend": engine.description})
+        on_variant(variant)
+
+
+# The log-likelihood signals and the answers of one variant may finish on two threads at once
+# (the evaluate stage decodes beside its scoring): each save rereads the file under this lock.
+_FILE_LOCK = threading.Lock()
+
+
+def _save_signal(path: Path, signal: str, value: dict) -> None:
+    with _FILE_LOCK:
+        out = read_json(path) if path.exists() else {}
+        out[signal] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, out)
 
 
 def _seed(cfg: SitConfig, index: int) -> int:
@@ -121,16 +149,6 @@ def response_logprob(model, tokenizer, prompt: list[dict], response: list[dict],
     logp = torch.log_softmax(logits[start - 1:len(ids) - 1], dim=-1)
     target = torch.tensor(ids[start:], device=logp.device)
     return float(logp.gather(1, target[:, None]).sum()), len(ids) - start
-
-
-def answer(model, tokenizer, instructions: list[str], seeds: list[int], settings) -> tuple[list[list[int]], str]:
-    """Each instruction's answer (new token ids, end of turn excluded), and what wrote them."""
-    from sit_core.engine.engines import model_engine
-    from sit_core.engine.sampling import chat_prompt
-
-    engine = model_engine(model, tokenizer, batch_size=len(instructions))
-    prompts = [chat_prompt(tokenizer, None, text) for text in instructions]
-    return [c.ids for c in engine.generate(prompts, seeds, settings)], engine.description
 
 
 def judge(cfg: SitConfig, stage_dir: Path, variants: list[str], data: dict, on_variant: Callable[[str], None]) -> None:
