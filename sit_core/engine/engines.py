@@ -104,6 +104,8 @@ class EngineProcess:
 
     @property
     def description(self) -> str:
+        if self.backend == "transformers":
+            return f"sit's seeded decoding loop (transformers {self.version}) in an engine process"
         return f"{self.backend} {self.version} in an engine process"
 
     def __init__(self, python: str, init: dict, *, name: str, stall_timeout_s: float, log_path: Path | None = None):
