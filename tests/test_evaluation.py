@@ -424,3 +424,38 @@ def test_variants_decoded_in_one_batch_reply_as_each_decodes_alone(smollm2_path:
         engine.close()
     assert {v: replies(out) for v, out in together.items()} == alone
     assert alone["lora"] != alone["base"] and alone["prompt_tuning"] != alone["base"]  # both adapters act
+
+
+@pytest.mark.slow
+def test_an_engine_that_fails_beside_the_scoring_leaves_its_decoding_to_the_stage(smollm2_path: Path, run_dir: Path,
+                                                                                 monkeypatch) -> None:
+    """On a multi-core CPU the decoding runs in an engine process beside the scoring. When that
+    engine dies, the stage records it and decodes in its own process: nothing is missing."""
+    import sit_core.stages.evaluate as evaluate_stage
+    from sit_core.engine.engines import EngineFailed
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the engine runs beside the scoring only with 2 cores or more")
+    _train_tiny_lora(smollm2_path, run_dir / "sft" / "final")
+    _held_out_inputs(run_dir)
+    opened = evaluate_stage._decoding_engine
+
+    def dies_when_isolated(*args, isolated: bool, **kwargs):
+        if isolated:
+            raise EngineFailed("the transformers engine for 'target' exited with code -9")
+        return opened(*args, isolated=isolated, **kwargs)
+
+    monkeypatch.setattr(evaluate_stage, "_decoding_engine", dies_when_isolated)
+    cfg = load_config(None, preset="demo", profile="cpu", overrides=[
+        "evaluation.limit=1", 'evaluation.tasks=["sit_mc_local"]', 'evaluation.variants=["base","sft"]',
+        "evaluation.agent.num_tasks=1", "evaluation.agent.max_steps=1",
+        "training.validation_size=3", "training.dpo_validation_size=2", "evaluation.answer_max_tokens=4"])
+    manifest = run_stage(cfg, run_dir, "evaluate")
+
+    assert manifest["status"] == "done"
+    failed = [e for e in manifest["events"] if e["event"] == "engine_failed"]
+    assert len(failed) == 1 and "exited with code -9" in failed[0]["reason"]
+    for variant in ("base", "sft"):
+        assert read_json(run_dir / "evaluate" / "agent" / f"{variant}.json")["summary"]["num_tasks"] == 1
+        assert len(read_json(run_dir / "evaluate" / "held_out" / f"{variant}.json")["answers"]["texts"]) == 3
+    assert set(read_json(run_dir / "evaluate" / "held_out" / "judge.json")) == {"base", "sft"}

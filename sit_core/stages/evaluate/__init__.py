@@ -145,14 +145,8 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
     finally:
         if beside:
             beside.restore_threads()
-    if any(_decoding_pending(cfg, stage.dir, ready, data)):
-        engine = _decoding_engine(cfg, run_dir, stage.dir, ready, isolated=False)
-        try:
-            _decode_together(cfg, run_dir, stage.dir, ready, data, engine, report)
-        finally:
-            engine.close()
-    if data:
-        held_out.judge(cfg, stage.dir, ready, data, lambda variant: report("answers_scored", variant=variant))
+    # All of it when nothing ran beside; what an engine that failed there left undone.
+    _decode_and_judge(cfg, run_dir, stage.dir, ready, data, report, isolated=False)
 
     agentbench_file = None
     if ev.agent.enabled and ev.agent.agentbench_path:
@@ -314,6 +308,21 @@ def _decode_together(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: l
                         lambda v: report("held_out_evaluated", variant=v, signal="answers"))
 
 
+def _decode_and_judge(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: list[str], data: dict | None,
+                      report, *, isolated: bool, threads: int | None = None) -> None:
+    """What is still missing of the decoding (_decode_together, on one engine for every variant)
+    and of the reward scores of the held-out answers."""
+    if any(_decoding_pending(cfg, stage_dir, variants, data)):
+        engine = _decoding_engine(cfg, run_dir, stage_dir, variants, isolated=isolated, threads=threads)
+        report("engine_started", step=False, backend=engine.backend, engine=engine.description, variants=variants)
+        try:
+            _decode_together(cfg, run_dir, stage_dir, variants, data, engine, report)
+        finally:
+            engine.close()
+    if data:
+        held_out.judge(cfg, stage_dir, variants, data, lambda variant: report("answers_scored", variant=variant))
+
+
 def _start_beside(cfg: SitConfig, run_dir: Path, stage, variants: list[str], data: dict | None) -> _Beside | None:
     """On a CPU of 2 cores or more, the decoding (_decode_together) runs in an engine process on
     half of them, then the reward scores of the answers on that half too, while this process
@@ -329,18 +338,9 @@ def _start_beside(cfg: SitConfig, run_dir: Path, stage, variants: list[str], dat
     from transformers import (AutoConfig, AutoModelForCausalLM,  # noqa: F401
                               AutoModelForSequenceClassification, AutoTokenizer)
 
-    def work(report) -> None:
-        engine = _decoding_engine(cfg, run_dir, stage.dir, variants, isolated=True, threads=cores // 2)
-        report("engine_started", step=False, backend=engine.backend, engine=engine.description, variants=variants)
-        try:
-            _decode_together(cfg, run_dir, stage.dir, variants, data, engine, report)
-        finally:
-            engine.close()
-        if data:
-            # The engine's cores are free again; this thread's torch calls run on them.
-            held_out.judge(cfg, stage.dir, variants, data, lambda variant: report("answers_scored", variant=variant))
-
-    return _Beside(work, threads_left=cores - cores // 2)
+    # The reward scores follow on this thread once the engine has exited and freed its cores.
+    return _Beside(lambda report: _decode_and_judge(cfg, run_dir, stage.dir, variants, data, report, isolated=True,
+                                                    threads=cores // 2), threads_left=cores - cores // 2)
 
 
 class _Beside:
