@@ -144,6 +144,7 @@ class TransformersBackend:
         model, variants = load_variants(init["model"], init.get("adapters", []),
                                         load_in_4bit=init.get("load_in_4bit", False),
                                         trust_remote_code=init.get("trust_remote_code", False))
+        # One call, one batch: the parent sizes the calls.
         self.engine = LocalEngine(model, init["pad_id"], set(init["stop_ids"]), batch_size=1 << 30, variants=variants)
         self.hang = False
 
