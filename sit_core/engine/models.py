@@ -237,7 +237,10 @@ def pack_for_cpu(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32 \
                 and module.weight.device.type == "cpu":
-            module._sit_packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
+            try:
+                module._sit_packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
+            except (RuntimeError, AttributeError):  # a torch build whose oneDNN lacks the op: plain weights
+                return
             module.forward = types.MethodType(_packed_linear, module)
 
 
