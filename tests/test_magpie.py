@@ -37,6 +37,24 @@ def test_pre_query_template_comes_from_the_chat_template(smollm2_path):
     assert "You are a chemistry tutor." in before_sys and before_sys.endswith("<|im_start|>user\n")
 
 
+def test_packed_cpu_weights_compute_what_the_plain_ones_do(smollm2_path):
+    """load_causal_lm packs every Linear weight on a CPU (models.pack_for_cpu): a decoding step's
+    few rows take the packed path and a prefill's many rows the plain one, and both give the
+    plain model's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sit_core.engine.models import PACKED_MAX_ROWS, load_causal_lm
+
+    packed = load_causal_lm("embedded:smollm2-135m-instruct").model
+    plain = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    assert hasattr(packed.model.layers[0].mlp.down_proj, "_sit_packed")
+    for rows in (1, 4, PACKED_MAX_ROWS + 8):
+        ids = torch.arange(rows).remainder(900)[None, :] + 100
+        with torch.inference_mode():
+            assert torch.allclose(packed(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
 CHILD = """
 import sys
 from sit_core.driver import run_stage
