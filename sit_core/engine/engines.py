@@ -5,7 +5,7 @@ returns the new token ids of each (stop token excluded). Prompts are rendered an
 decoded here, in the parent, with the model's own tokenizer, so every backend sees the same
 tokens.
 
-- `LocalEngine`: sit's seeded decoding loop (sampling.py) in this process, for base, LoRA and
+- `LocalEngine` (local.py): sit's seeded decoding loop (sampling.py) in this process, for base, LoRA and
   prompt-tuned models alike. Batch 1 is the stable mode: the seeds' fix for the batched
   notebook's deadlock.
 - `EngineProcess`: an engine in its own process (worker.py), either vLLM under the vLLM
@@ -33,70 +33,16 @@ from pathlib import Path
 from typing import Sequence
 
 from sit_core.engine import worker
-from sit_core.engine.models import eos_token_ids, load_causal_lm, load_tokenizer, release, resolve_model_path
-from sit_core.engine.sampling import Sampling, generate, pre_query_template, soft_prompt, stop_token_ids
+from sit_core.engine.local import Completion, LocalEngine, Variant, load_variants
+from sit_core.engine.models import eos_token_ids, load_tokenizer, resolve_model_path
+from sit_core.engine.sampling import Sampling, pre_query_template, soft_prompt, stop_token_ids
 from sit_core.config import SitConfig
 from sit_core.config.backend import find_vllm_python
 from sit_core.errors import SitError
 
 
-@dataclass(frozen=True)
-class Completion:
-    ids: list[int]
-    truncated: bool  # reached max_new_tokens without a stop token
-
-
 class EngineFailed(Exception):
     """The engine process stalled or died (it has been killed); the caller goes on in stable mode."""
-
-
-@dataclass(frozen=True)
-class Variant:
-    """How a LocalEngine applies one adapter: a LoRA by its PEFT adapter name, a prompt tuning
-    by its soft prompt; neither is the base model."""
-
-    lora: str | None = None
-    prefix: object = None  # torch.Tensor, virtual tokens x hidden size
-
-
-class LocalEngine:
-    """sit's decoding loop in this process, `batch_size` prompts at a time.
-
-    `variants` maps what a request names as its adapter (an adapter directory; None: no
-    adapter) to how it applies here. A batch may mix them: its rows share every decoding
-    step's pass over the base weights, which is what a step costs."""
-
-    backend = "transformers"
-    description = "sit's seeded decoding loop (sit_core/engine/sampling.py)"
-
-    def __init__(self, model, pad_id: int, stops: set[int], batch_size: int = 1,
-                 variants: dict[str | None, Variant] | None = None):
-        self.model, self.pad_id, self.stops, self.batch_size = model, pad_id, stops, batch_size
-        self.variants = variants or {None: Variant()}
-
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: Sampling,
-                 adapters: Sequence[str | None] | None = None, on_step=None) -> list[Completion]:
-        rows = [self._variant(a) for a in adapters] if adapters is not None else [self._variant(None)] * len(prompts)
-        mixed = any(v.lora for v in self.variants.values())
-        out: list[Completion] = []
-        for i in range(0, len(prompts), self.batch_size):
-            batch = rows[i:i + self.batch_size]
-            for ids in generate(self.model, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
-                                sampling, self.stops, self.pad_id, on_step,
-                                prefixes=[v.prefix for v in batch],
-                                adapter_names=[v.lora or "__base__" for v in batch] if mixed else None):
-                out.append(Completion(ids, len(ids) >= sampling.max_new_tokens))
-        return out
-
-    def _variant(self, adapter: str | None) -> Variant:
-        try:
-            return self.variants[adapter]
-        except KeyError:
-            raise ValueError(f"this engine has no adapter {adapter!r}; it has {sorted(map(str, self.variants))}") from None
-
-    def close(self) -> None:
-        self.model = self.variants = None
-        release()
 
 
 class EngineProcess:
@@ -338,35 +284,6 @@ def model_engine(model, tokenizer, batch_size: int = 1) -> Engine:
     stops = stop_token_ids(eos_token_ids(model.generation_config), tokenizer, after_user)
     return Engine(LocalEngine(decoder, _pad_id(tokenizer, stops), stops, batch_size, {None: Variant(prefix=prefix)}),
                   tokenizer, stops)
-
-
-def load_variants(model: str, adapters: Sequence[str], *, load_in_4bit: bool = False,
-                  trust_remote_code: bool = False) -> tuple[object, dict[str | None, Variant]]:
-    """One copy of the base model `model` with every adapter directory in `adapters` on it:
-    LoRAs as named adapters of one PeftModel, prompt tunings as soft prompts. Returns the model
-    to decode with and LocalEngine's variants."""
-    base = load_causal_lm(model, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code).model
-    variants: dict[str | None, Variant] = {None: Variant()}
-    if not adapters:
-        return base, variants
-    from peft import PeftConfig, PeftModel
-
-    loras = []
-    for adapter in adapters:
-        if PeftConfig.from_pretrained(adapter).is_prompt_learning:
-            # Prompt learning adds no layers to the base model: its wrapper is dropped once the
-            # soft prompt is read.
-            variants[adapter] = Variant(prefix=soft_prompt(PeftModel.from_pretrained(base, adapter))[1])
-        else:
-            loras.append(adapter)
-    decoder = base
-    for n, adapter in enumerate(loras):
-        if n == 0:
-            decoder = PeftModel.from_pretrained(base, adapter, adapter_name=f"lora{n}")
-        else:
-            decoder.load_adapter(adapter, adapter_name=f"lora{n}")
-        variants[adapter] = Variant(lora=f"lora{n}")
-    return decoder.eval(), variants
 
 
 def _pad_id(tokenizer, stops: set[int]) -> int:

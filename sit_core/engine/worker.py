@@ -130,13 +130,13 @@ class VllmBackend:
 class TransformersBackend:
     """sit's own seeded decoding loop (sit_core/engine/sampling.py), for the transformers
     backend's batched mode: the parent sends one batch per call, so rows keep their batch mates.
-    Requests may name an adapter of `init["adapters"]` (engines.load_variants)."""
+    Requests may name an adapter of `init["adapters"]` (local.load_variants)."""
 
     def __init__(self, init: dict):
         import torch
         import transformers
 
-        from sit_core.engine.engines import LocalEngine, load_variants
+        from sit_core.engine.local import LocalEngine, load_variants
 
         if init.get("threads"):
             torch.set_num_threads(init["threads"])

@@ -273,7 +273,7 @@ def _decoding_pending(cfg: SitConfig, stage_dir: Path, variants: list[str], data
 def _decoding_engine(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: list[str], *, isolated: bool,
                      threads: int | None = None):
     """One engine on transformers for the variants' decoding: the base model with every
-    variant's adapter on it (engines.load_variants), so one batch decodes them all. Each
+    variant's adapter on it (local.load_variants), so one batch decodes them all. Each
     variant keeps its own batch budget (evaluation.batch_size) inside the shared batch."""
     from sit_core.engine.engines import engine_spec, open_engine
 
