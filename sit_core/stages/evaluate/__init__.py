@@ -238,6 +238,16 @@ def _adapters(run_dir: Path, variants: list[str]) -> dict[str, str | None]:
     return {v: str(adapter_dir(run_dir, v)) if v != "base" else None for v in variants}
 
 
+def _tokenizers(cfg: SitConfig, model_path: str, adapters: dict[str, str | None]) -> dict:
+    """variant -> the tokenizer it was trained with (saved beside its adapter, chat template
+    included), for rendering its prompts and reading its replies."""
+    from sit_core.engine.models import load_tokenizer
+    from sit_core.stages.evaluate.lm_eval_runner import tokenizer_dir
+
+    return {v: load_tokenizer(tokenizer_dir(model_path, a), trust_remote_code=cfg.models.trust_remote_code)
+            for v, a in adapters.items()}
+
+
 def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: dict | None, report) -> None:
     """What one variant's own model scores: its pending lm-eval tasks and log-likelihood
     signals, on transformers; the model loads only if something is pending."""
@@ -250,8 +260,9 @@ def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: 
     signals_pending = [s for s in held_out.pending(signals_file) if s != "answers"] if data else []
     if not pending and not signals_pending:
         return
-    lm = lm_eval_runner.load_lm(resolve_model_path(cfg.models.target), adapter_dir(run_dir, variant) if
-                                variant != "base" else None, ev.batch_size, trust_remote_code=cfg.models.trust_remote_code)
+    adapter = adapter_dir(run_dir, variant) if variant != "base" else None
+    lm = lm_eval_runner.load_lm(resolve_model_path(cfg.models.target), adapter, ev.batch_size,
+                                trust_remote_code=cfg.models.trust_remote_code)
     try:
         for task in pending:
             result = lm_eval_runner.evaluate_task(lm, task, limit=ev.limit, seed=cfg.seed)
@@ -288,16 +299,13 @@ def _decode_together(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: l
     """The agent evaluations and held-out answers still missing, every variant in the same
     batches: a decoding step costs about one pass over the base weights, for 16 rows little more
     than for 4."""
-    from sit_core.engine.models import load_tokenizer, resolve_model_path
+    from sit_core.engine.models import resolve_model_path
     from sit_core.stages.evaluate.agent import evaluate_agents
-    from sit_core.stages.evaluate.lm_eval_runner import tokenizer_dir
 
     ev = cfg.evaluation
     agent, answers = _decoding_pending(cfg, stage_dir, variants, data)
     adapters = _adapters(run_dir, [v for v in variants if v in agent or v in answers])
-    model_path = resolve_model_path(cfg.models.target)
-    tokenizers = {v: load_tokenizer(tokenizer_dir(model_path, a), trust_remote_code=cfg.models.trust_remote_code)
-                  for v, a in adapters.items()}
+    tokenizers = _tokenizers(cfg, resolve_model_path(cfg.models.target), adapters)
     if agent:
         results = evaluate_agents(engine, {v: adapters[v] for v in agent}, num_tasks=ev.agent.num_tasks,
                                   max_steps=ev.agent.max_steps, seed=cfg.seed, tokenizers=tokenizers)
@@ -409,7 +417,7 @@ def _on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str], report) -> 
       is what vLLM speeds up."""
     from sit_core.config.backend import find_vllm_python, has_module
     from sit_core.engine.engines import EngineFailed, engine_spec, open_engine
-    from sit_core.engine.models import load_tokenizer, resolve_model_path
+    from sit_core.engine.models import resolve_model_path
     from sit_core.stages.evaluate import harness, lm_eval_runner
     from sit_core.stages.evaluate.agent import evaluate_agents, prompt_budget
     from sit_core.stages.evaluate.nltk_punkt import ensure_punkt_tab
@@ -441,8 +449,7 @@ def _on_vllm(cfg: SitConfig, run_dir: Path, stage, ready: list[str], report) -> 
         return
     stage.event("engine_started", backend=engine.backend, engine=engine.description, variants=lora)
     adapters = _adapters(run_dir, lora)
-    tokenizers = {v: load_tokenizer(lm_eval_runner.tokenizer_dir(model_path, a), trust_remote_code=cfg.models.trust_remote_code)
-                  for v, a in adapters.items()}
+    tokenizers = _tokenizers(cfg, model_path, adapters)
     try:
         for variant in lora:
             for task in tasks[variant]:

@@ -296,7 +296,8 @@ def render(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer("\n\n".join(lines) + "\n\nAssistant:")["input_ids"]
 
 
-def engine_replier(engine, adapters: list[str | None], tokenizers: list) -> Callable[[list[int], list[list[dict]]], list[str]]:
+def engine_replier(engine, adapters: list[str | None],
+                   tokenizers: list) -> Callable[[list[int], list[list[dict]]], list[str]]:
     """Greedy replies from an engine, conversation i with adapter directory `adapters[i]` (None:
     the base model), rendered and read with `tokenizers[i]`. A reply is cut where its first tool
     call or answer ends: what follows is never read, and must not be fed back into the next
