@@ -15,6 +15,7 @@ import pytest
 from sit_core.config import load_config
 from sit_core.errors import SitError
 from sit_core.stages.evaluate import agent, lm_eval_runner
+from sit_core.stages.evaluate.harness import SCORED_BY
 from sit_core.driver import run_stage
 from sit_core.store.fileio import append_jsonl, read_json
 
@@ -232,6 +233,7 @@ def test_evaluate_stage_base_and_lora(smollm2_path: Path, run_dir: Path) -> None
         result = read_json(evaluate / "lm_eval" / f"{variant}.json")
         assert set(result["results"]) == {"sit_ifeval_local", "sit_mc_local"}
         assert result["results"]["sit_mc_local"]["sample_len"] == 2
+        assert "all variants in the same batches" in result[SCORED_BY]["sit_ifeval_local"]
         summary = read_json(evaluate / "agent" / f"{variant}.json")["summary"]
         assert summary["num_tasks"] == 1 and 1 <= summary["mean_steps"] <= 2
     assert not (evaluate / "lm_eval" / "dpo.json").exists()
@@ -341,9 +343,9 @@ def test_an_evaluation_from_before_the_held_out_signals_keeps_its_benchmarks(run
 
 @pytest.mark.slow
 def test_a_prompt_tuning_decodes_as_its_uncached_forward_does(smollm2_path: Path, tmp_path: Path) -> None:
-    """The soft prompt goes into the KV cache once: sit's loop (agent, held-out answers) and
-    lm-eval's generation tasks give, for a left-padded batch, the tokens that greedy decoding
-    through PEFT's forward without a cache gives. PEFT's generate() put it in again at every step."""
+    """The soft prompt goes into the KV cache once: sit's loop (agent, held-out answers, lm-eval's
+    generation tasks) gives, for a left-padded batch, the tokens that greedy decoding through
+    PEFT's forward without a cache gives. PEFT's generate() put it in again at every step."""
     import torch
     from peft import PeftModel, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -372,14 +374,41 @@ def test_a_prompt_tuning_decodes_as_its_uncached_forward_does(smollm2_path: Path
     got = model_engine(tuned, tokenizer, batch_size=2).generate(prompts, [0, 0], Sampling(0.0, 1.0, new_tokens))
     assert [c.ids == e[:len(c.ids)] for c, e in zip(got, expected)] == [True, True]
 
-    lm = lm_eval_runner.load_lm(str(smollm2_path), tmp_path, batch_size=2)
-    width = max(len(p) for p in prompts)
-    context = torch.tensor([[tokenizer.eos_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = lm._model_generate(context, width + new_tokens, stop=[], attention_mask=mask, do_sample=False)
-    for row, e in zip(out[:, width:].tolist(), expected):
-        cut = next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), len(row))
-        assert row[:cut] == e[:cut]
+
+@pytest.mark.slow
+def test_generation_tasks_decoded_together_answer_as_lm_evals_own_model(smollm2_path: Path, tmp_path: Path) -> None:
+    """sit_ifeval_local for base and a LoRA, decoded in the same batches of sit's engine and
+    scored by lm-eval from the replayed texts: every answer, and so every metric, is the one
+    lm-eval's own HF model writes and scores for that variant alone."""
+    from conftest import random_lora
+    from sit_core.engine.engines import engine_spec, open_engine
+    from sit_core.engine.models import load_tokenizer
+    from sit_core.stages.evaluate import generation_tasks
+    from sit_core.stages.evaluate.harness import ITEMS
+
+    task = "sit_ifeval_local"
+    adapters = {"base": None, "lora": str(random_lora(smollm2_path, tmp_path / "lora"))}
+    own = {}
+    for variant, adapter in adapters.items():
+        lm = lm_eval_runner.load_lm(str(smollm2_path), adapter and Path(adapter), batch_size=2)
+        own[variant] = lm_eval_runner.evaluate_task(lm, task, limit=2, seed=42)
+    tokenizer = load_tokenizer(str(smollm2_path))
+    tokenizers = dict.fromkeys(adapters, tokenizer)
+    asked = {v: generation_tasks.requests(task, tokenizer, limit=2, seed=42) for v in adapters}
+    assert [len(a) for a in asked.values()] == [2, 2] and "<|im_start|>user" in asked["base"][0][0]  # chat-templated
+
+    cfg = load_config(None, preset="demo", profile="cpu")
+    spec = engine_spec(cfg, str(smollm2_path), batch_size=4, adapters=(adapters["lora"],))
+    engine = open_engine(replace(spec, backend="transformers"), "target")
+    try:
+        answers = generation_tasks.decode(engine, tokenizers, adapters, asked, max_length=8192, seeds=lambda i: i)
+    finally:
+        engine.close()
+    for variant in adapters:
+        replayed = generation_tasks.replay(task, tokenizer, answers[variant], limit=2, seed=42)
+        assert replayed[ITEMS][task]["answers"] == own[variant][ITEMS][task]["answers"]
+        assert replayed["results"][task] == own[variant]["results"][task]
+    assert answers["lora"] != answers["base"]  # the adapter acts
 
 
 @pytest.mark.slow

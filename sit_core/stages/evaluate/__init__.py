@@ -135,18 +135,22 @@ def run(cfg: SitConfig, stage: StageRun) -> dict:
     if cfg.generation.backend == "vllm" and cuda_available():
         _on_vllm(cfg, run_dir, stage, ready, report)
     beside = _start_beside(cfg, run_dir, stage, ready, data)
+    here = beside.draining(report) if beside else report
     try:
+        # lm-eval runs on this thread only: it seeds the process's random generators. The
+        # decoding goes first: once the work beside has finished, the scoring gets every core.
+        _decode(cfg, run_dir, stage.dir, ready, data, here, kinds=("tasks",) if beside else DECODED, isolated=False)
         for variant in ready:
-            _evaluate_variant(cfg, run_dir, stage, variant, data, report)
-            if beside:
-                beside.drain(report)
+            _evaluate_variant(cfg, run_dir, stage, variant, data, here)
         if beside:
             beside.join(report)
     finally:
         if beside:
             beside.restore_threads()
-    # All of it when nothing ran beside; what an engine that failed there left undone.
-    _decode_and_judge(cfg, run_dir, stage.dir, ready, data, report, isolated=False)
+    # What an engine that failed beside the stage left undone.
+    _decode(cfg, run_dir, stage.dir, ready, data, report, kinds=DECODED, isolated=False)
+    if data:
+        _judge(cfg, stage.dir, ready, data, report)
 
     agentbench_file = None
     if ev.agent.enabled and ev.agent.agentbench_path:
@@ -249,14 +253,15 @@ def _tokenizers(cfg: SitConfig, model_path: str, adapters: dict[str, str | None]
 
 
 def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: dict | None, report) -> None:
-    """What one variant's own model scores: its pending lm-eval tasks and log-likelihood
-    signals, on transformers; the model loads only if something is pending."""
+    """What one variant's own model scores: its pending log-likelihood tasks and signals, on
+    transformers; the model loads only if something is pending. (Its generation tasks are
+    decoded with every variant's, in _decode.)"""
     from sit_core.engine.models import release, resolve_model_path
     from sit_core.stages.evaluate import lm_eval_runner
 
     ev = cfg.evaluation
     signals_file = stage.dir / "held_out" / f"{variant}.json"
-    pending = _pending_tasks(cfg, stage.dir, variant)
+    pending = [t for t in _pending_tasks(cfg, stage.dir, variant) if not lm_eval_runner.is_generative(t)]
     signals_pending = [s for s in held_out.pending(signals_file) if s != "answers"] if data else []
     if not pending and not signals_pending:
         return
@@ -274,11 +279,21 @@ def _evaluate_variant(cfg: SitConfig, run_dir: Path, stage, variant: str, data: 
         release(lm)
 
 
-def _decoding_pending(cfg: SitConfig, stage_dir: Path, variants: list[str], data: dict | None) -> tuple[list, list]:
-    """(variants whose agent evaluation is missing, variants whose held-out answers are)."""
-    agent = [v for v in variants if cfg.evaluation.agent.enabled and not _agent_file(stage_dir, v).exists()]
-    answers = [v for v in variants if data and "answers" in held_out.pending(stage_dir / "held_out" / f"{v}.json")]
-    return agent, answers
+# What the variants decode, each kind for every variant in the same batches of one engine:
+# lm-eval's generation tasks, the agent evaluation and the held-out answers.
+DECODED = ("tasks", "agent", "answers")
+
+
+def _decoding_pending(cfg: SitConfig, stage_dir: Path, variants: list[str], data: dict | None) -> dict[str, list[str]]:
+    """kind of decoding -> the variants still missing it."""
+    from sit_core.stages.evaluate import lm_eval_runner
+
+    generation = [t for t in cfg.evaluation.tasks if lm_eval_runner.is_generative(t)]
+    return {
+        "tasks": [v for v in variants if set(generation) & set(_pending_tasks(cfg, stage_dir, v))],
+        "agent": [v for v in variants if cfg.evaluation.agent.enabled and not _agent_file(stage_dir, v).exists()],
+        "answers": [v for v in variants if data and "answers" in held_out.pending(stage_dir / "held_out" / f"{v}.json")],
+    }
 
 
 def _decoding_engine(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: list[str], *, isolated: bool,
@@ -294,61 +309,94 @@ def _decoding_engine(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: l
     return open_engine(replace(spec, backend="transformers", isolated=isolated), cfg.models.target)
 
 
-def _decode_together(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: list[str], data: dict | None,
-                     engine, report) -> None:
-    """The agent evaluations and held-out answers still missing, every variant in the same
-    batches: a decoding step costs about one pass over the base weights, for 16 rows little more
-    than for 4."""
+def _decode(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: list[str], data: dict | None, report, *,
+            kinds: tuple[str, ...], isolated: bool, threads: int | None = None) -> None:
+    """The decoding of `kinds` still missing, on one engine for every variant that misses any:
+    a decoding step costs about one pass over the base weights, for 16 rows little more than
+    for 4."""
     from sit_core.engine.models import resolve_model_path
     from sit_core.stages.evaluate.agent import evaluate_agents
 
     ev = cfg.evaluation
-    agent, answers = _decoding_pending(cfg, stage_dir, variants, data)
-    adapters = _adapters(run_dir, [v for v in variants if v in agent or v in answers])
+    pending = {kind: todo for kind, todo in _decoding_pending(cfg, stage_dir, variants, data).items()
+               if kind in kinds and todo}
+    if not pending:
+        return
+    involved = [v for v in variants if any(v in todo for todo in pending.values())]
+    adapters = _adapters(run_dir, involved)
     tokenizers = _tokenizers(cfg, resolve_model_path(cfg.models.target), adapters)
-    if agent:
-        results = evaluate_agents(engine, {v: adapters[v] for v in agent}, num_tasks=ev.agent.num_tasks,
-                                  max_steps=ev.agent.max_steps, seed=cfg.seed, tokenizers=tokenizers)
-        for variant in agent:
-            _save_agent(stage_dir, variant, results[variant], engine, report)
-    if answers:
-        held_out.answer(cfg, engine, {v: adapters[v] for v in answers}, tokenizers, data, stage_dir,
-                        lambda v: report("held_out_evaluated", variant=v, signal="answers"))
+    engine = _decoding_engine(cfg, run_dir, stage_dir, involved, isolated=isolated, threads=threads)
+    report("engine_started", step=False, backend=engine.backend, engine=engine.description, variants=involved)
+    try:
+        if "tasks" in pending:
+            _decode_generation_tasks(cfg, stage_dir, engine, {v: adapters[v] for v in pending["tasks"]}, tokenizers,
+                                     report)
+        if "agent" in pending:
+            agent = pending["agent"]
+            results = evaluate_agents(engine, {v: adapters[v] for v in agent}, num_tasks=ev.agent.num_tasks,
+                                      max_steps=ev.agent.max_steps, seed=cfg.seed, tokenizers=tokenizers)
+            for variant in agent:
+                _save_agent(stage_dir, variant, results[variant], engine, report)
+        if "answers" in pending:
+            held_out.answer(cfg, engine, {v: adapters[v] for v in pending["answers"]}, tokenizers, data, stage_dir,
+                            lambda v: report("held_out_evaluated", variant=v, signal="answers"))
+    finally:
+        engine.close()
 
 
-def _decode_and_judge(cfg: SitConfig, run_dir: Path, stage_dir: Path, variants: list[str], data: dict | None,
-                      report, *, isolated: bool, threads: int | None = None) -> None:
-    """What is still missing of the decoding (_decode_together, on one engine for every variant)
-    and of the reward scores of the held-out answers."""
-    if any(_decoding_pending(cfg, stage_dir, variants, data)):
-        engine = _decoding_engine(cfg, run_dir, stage_dir, variants, isolated=isolated, threads=threads)
-        report("engine_started", step=False, backend=engine.backend, engine=engine.description, variants=variants)
-        try:
-            _decode_together(cfg, run_dir, stage_dir, variants, data, engine, report)
-        finally:
-            engine.close()
-    if data:
-        held_out.judge(cfg, stage_dir, variants, data, lambda variant: report("answers_scored", variant=variant))
+def _decode_generation_tasks(cfg: SitConfig, stage_dir: Path, engine, adapters: dict[str, str | None],
+                             tokenizers: dict, report) -> None:
+    """lm-eval's generation tasks still missing for `adapters`' variants, each task decoded for
+    all of them in the same batches (generation_tasks.py)."""
+    from sit_core.engine.models import resolve_model_path
+    from sit_core.engine.sampling import item_seed
+    from sit_core.stages.evaluate import generation_tasks, lm_eval_runner
+
+    ev = cfg.evaluation
+    model_path = resolve_model_path(cfg.models.target)
+    for task in [t for t in ev.tasks if lm_eval_runner.is_generative(t)]:
+        todo = [v for v in adapters if task in _pending_tasks(cfg, stage_dir, v)]
+        if not todo:
+            continue
+        asked = {v: generation_tasks.requests(task, tokenizers[v], limit=ev.limit, seed=cfg.seed) for v in todo}
+        answers = generation_tasks.decode(
+            engine, tokenizers, adapters, asked,
+            max_length=generation_tasks.max_length(model_path, tokenizers[todo[0]], cfg.models.trust_remote_code),
+            seeds=lambda i, task=task: item_seed(cfg.seed, NAME, i, task))
+        for variant in todo:
+            result = generation_tasks.replay(task, tokenizers[variant], answers[variant], limit=ev.limit, seed=cfg.seed)
+            _save_task(stage_dir, variant, task, result, generation_tasks.description(engine), report)
+
+
+def _judge(cfg: SitConfig, stage_dir: Path, variants: list[str], data: dict, report) -> None:
+    held_out.judge(cfg, stage_dir, variants, data, lambda variant: report("answers_scored", variant=variant))
 
 
 def _start_beside(cfg: SitConfig, run_dir: Path, stage, variants: list[str], data: dict | None) -> _Beside | None:
-    """On a CPU of 2 cores or more, the decoding (_decode_together) runs in an engine process on
-    half of them, then the reward scores of the answers on that half too, while this process
-    scores the variants on the rest. A few rows decode barely faster on 2 threads than on 1
-    (ifeval on the 2-core EPYC: 17.5 s against 19.8 s), and two single-threaded processes did
-    two in 20 s (bench/README, session 8). On a GPU the two would share one device: everything
-    runs here, one after the other."""
+    """On a CPU of 2 cores or more, the agent evaluation and the held-out answers are decoded
+    in an engine process on half of them, then the answers' reward scores computed on that
+    half too, while this process decodes the variants' generation tasks and scores them on the
+    rest. A few rows decode barely faster on 2 threads than on 1 (ifeval on the
+    2-core EPYC: 17.5 s against 19.8 s), and two single-threaded processes did two in 20 s
+    (bench/README, session 8). On a GPU the two would share one device: everything runs here,
+    one after the other."""
     cores = len(os.sched_getaffinity(0))
-    if cuda_available() or cores < 2 or not any(_decoding_pending(cfg, stage.dir, variants, data)):
+    pending = _decoding_pending(cfg, stage.dir, variants, data)
+    if cuda_available() or cores < 2 or not (pending["agent"] or pending["answers"]):
         return None
     # transformers resolves its classes on first use, and two threads resolving them at once
     # found half-initialised modules ("module 'transformers' has no attribute 'AutoConfig'").
     from transformers import (AutoConfig, AutoModelForCausalLM,  # noqa: F401
                               AutoModelForSequenceClassification, AutoTokenizer)
 
-    # The reward scores follow on this thread once the engine has exited and freed its cores.
-    return _Beside(lambda report: _decode_and_judge(cfg, run_dir, stage.dir, variants, data, report, isolated=True,
-                                                    threads=cores // 2), threads_left=cores - cores // 2)
+    def work(report) -> None:
+        _decode(cfg, run_dir, stage.dir, variants, data, report, kinds=("agent", "answers"), isolated=True,
+                threads=cores // 2)
+        # After the engine has exited and freed its cores.
+        if data:
+            _judge(cfg, stage.dir, variants, data, report)
+
+    return _Beside(work, threads_left=cores - cores // 2)
 
 
 class _Beside:
@@ -372,6 +420,13 @@ class _Beside:
             work(lambda kind, **details: self._reports.put((kind, details)))
         except BaseException as e:  # noqa: BLE001 - handed to the stage's thread in join()
             self._error = e
+
+    def draining(self, report):
+        """`report`, replaying first what the work beside has reported meanwhile."""
+        def replay_then_report(kind: str, step: bool = True, **details) -> None:
+            self.drain(report)
+            report(kind, step, **details)
+        return replay_then_report
 
     def drain(self, report) -> None:
         while True:

@@ -1,10 +1,11 @@
 """lm-evaluation-harness for one model variant, one task at a time.
 
 We call lm-eval's Python API (`simple_evaluate`, in harness.py) with its HF wrapper (`HFLM`)
-and let it load adapters itself (`peft=`), or, on the vLLM backend, with lm-eval's own vLLM
-model in the engine process (the evaluate stage's `_on_vllm`). Tasks are evaluated
-one by one against the same loaded model so that the stage can save after each (variant,
-task) pair and resume between them.
+for the log-likelihood tasks, and let it load adapters itself (`peft=`). Generation tasks are
+decoded for every variant at once by sit's engine (generation_tasks.py), or, on the vLLM
+backend, by lm-eval's own vLLM model in the engine process (the evaluate stage's `_on_vllm`).
+Tasks are evaluated one by one so that the stage can save after each (variant, task) pair and
+resume between them.
 
 Our offline tasks live in `tasks/` beside this file in lm-eval's YAML format and are found
 through `TaskManager(include_path=...)`, next to every task lm-eval ships.
@@ -113,13 +114,6 @@ def load_lm(model_path: str, adapter: Path | None, batch_size: int, trust_remote
             virtual = num_virtual_tokens(self.model)
             return logits[:, virtual:, :] if virtual and logits.shape[1] == inps.shape[1] + virtual else logits
 
-        def _model_generate(self, context, max_length, stop, **generation_kwargs):
-            """A soft prompt decodes through sit's loop: PEFT's generate() repeats it at every
-            cached step (sampling.soft_prompt)."""
-            if not num_virtual_tokens(self.model):
-                return super()._model_generate(context, max_length, stop, **generation_kwargs)
-            return soft_prompt_generate(self.model, self.tokenizer, context, max_length, **generation_kwargs)
-
     from sit_core.engine.models import pack_for_cpu
 
     device, dtype = _device_and_dtype()
@@ -135,25 +129,6 @@ def load_lm(model_path: str, adapter: Path | None, batch_size: int, trust_remote
             lm._model = lm.model.merge_and_unload()
         pack_for_cpu(lm.model)
     return lm
-
-
-def soft_prompt_generate(model, tokenizer, context, max_length: int, attention_mask=None, do_sample=False,
-                         temperature: float = 0.0, top_p: float = 1.0, **_ignored):
-    """What HF generate() returns to lm-eval (context, then new tokens padded with eos), decoded
-    by sit's loop with the prompt tuning's soft prompt in the prefill. lm-eval cuts at its stop
-    strings afterwards."""
-    import torch
-
-    from sit_core.engine.engines import model_engine
-    from sit_core.engine.sampling import Sampling
-
-    mask = attention_mask if attention_mask is not None else torch.ones_like(context)
-    prompts = [row[m.bool()].tolist() for row, m in zip(context, mask)]
-    sampling = Sampling(temperature if do_sample else 0.0, top_p if do_sample else 1.0, max_length - context.shape[1])
-    completions = model_engine(model, tokenizer, batch_size=len(prompts)).generate(prompts, [0] * len(prompts), sampling)
-    pad = tokenizer.eos_token_id
-    rows = [c.ids + [pad] * (sampling.max_new_tokens - len(c.ids)) for c in completions]
-    return torch.cat([context, torch.tensor(rows, dtype=context.dtype, device=context.device)], dim=1)
 
 
 def tokenizer_dir(model_path: str, adapter: str | Path | None) -> str:
