@@ -106,6 +106,32 @@ def test_hub_task_offline_names_local_set(monkeypatch) -> None:
     assert "sit_ifeval_local" in message and "sit_mc_local" in message
 
 
+def test_only_a_task_of_lm_evals_own_makes_it_index_its_thousands(monkeypatch) -> None:
+    """Our tasks are found in our folder alone; lm-eval's ~15k task files, seconds to scan, are
+    indexed the first time one of its own tasks is asked for."""
+    import lm_eval.tasks
+
+    from sit_core.stages.evaluate import harness
+
+    built = []
+
+    class Recording(lm_eval.tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            built.append("lm-eval's and ours" if kwargs.get("include_defaults", True) else "ours")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recording)
+    harness._index.cache_clear()
+    try:
+        lm_eval_runner.check_tasks(list(lm_eval_runner.LOCAL_TASKS))
+        assert lm_eval_runner.is_generative("sit_ifeval_local") and not lm_eval_runner.is_generative("sit_mc_local")
+        assert built == ["ours"]
+        assert not lm_eval_runner.is_generative("hellaswag") and lm_eval_runner.is_generative("ifeval")
+        assert built == ["ours", "lm-eval's and ours"]
+    finally:
+        harness._index.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------
 # Agent evaluation
 

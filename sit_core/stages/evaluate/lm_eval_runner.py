@@ -8,7 +8,8 @@ Tasks are evaluated one by one so that the stage can save after each (variant, t
 resume between them.
 
 Our offline tasks live in `tasks/` beside this file in lm-eval's YAML format and are found
-through `TaskManager(include_path=...)`, next to every task lm-eval ships.
+through `TaskManager(include_path=...)`; lm-eval's own tasks are indexed too only when one is asked
+for (harness.task_manager).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ PRIMARY_METRICS = {"ifeval": "prompt_level_strict_acc", "sit_ifeval_local": "pro
 PRIMARY_FALLBACK = ("acc", "exact_match", "prompt_level_strict_acc", "f1", "acc_norm")
 
 
-def task_manager():
-    return harness.task_manager(str(LOCAL_TASKS_DIR))
+def task_manager(task: str | None = None):
+    return harness.task_manager(str(LOCAL_TASKS_DIR), task)
 
 
 def is_generative(task: str) -> bool:
@@ -56,10 +57,9 @@ def _offline_error(tasks: list[str], why: str) -> SitError:
 
 def check_tasks(tasks: list[str]) -> None:
     """Fail before any model loads: unknown names (with close matches), and hub tasks offline."""
-    tm = task_manager()
-    known = set(tm.all_tasks)
     for name in tasks:
-        if name not in known:
+        tm = task_manager(name)
+        if name not in tm.all_tasks:
             close = difflib.get_close_matches(name, tm.all_tasks, n=5, cutoff=0.6)
             raise SitError(
                 f"lm-eval does not know the task '{name}'"
