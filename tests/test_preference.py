@@ -279,11 +279,19 @@ def test_classifier_truncates_long_inputs(minilm_reward_model):
 
 
 def test_judge_scores_are_probabilities_and_long_inputs_truncate(smollm2_path):
+    import torch
+
     from sit_core.engine.reward import JudgeScorer
 
     judge = JudgeScorer("embedded:smollm2-135m-instruct", "Is the response helpful?", max_length=48)
     scores = judge.score([("What is 2+2?", "4"), ("Tell me a story. " * 300, "Once upon a time " * 500)])
     assert all(0.0 < s < 1.0 for s in scores)
+    # The score is P(Yes)/(P(Yes)+P(No)) of the next token after the prompt alone, unpadded.
+    prompt = judge._prompt("What is 2+2?", "4")
+    with torch.inference_mode():
+        logp = torch.log_softmax(judge.lm.model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    yes, no = torch.logsumexp(logp[judge.yes_ids], 0), torch.logsumexp(logp[judge.no_ids], 0)
+    assert scores[0] == pytest.approx(float(torch.sigmoid(yes - no)), abs=1e-5)
     judge.close()
 
 

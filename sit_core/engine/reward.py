@@ -116,8 +116,10 @@ class JudgeScorer:
             mask[i, width - len(p):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         device = next(self.lm.model.parameters()).device
+        # logits_to_keep=1: the vocabulary projection of every other position was a fifth of
+        # SmolLM2's FLOPs per token, and for 8 rows of 300 tokens 470 MB of logits.
         logits = self.lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device)).logits[:, -1, :].float()
+                               position_ids=positions.to(device), logits_to_keep=1).logits[:, -1, :].float()
         logp = torch.log_softmax(logits, dim=-1)
         yes = torch.logsumexp(logp[:, self.yes_ids], dim=-1)
         no = torch.logsumexp(logp[:, self.no_ids], dim=-1)
