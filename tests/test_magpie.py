@@ -55,6 +55,36 @@ def test_packed_cpu_weights_compute_what_the_plain_ones_do(smollm2_path):
             assert torch.allclose(packed(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_models_loaded_on_two_threads_at_once_are_whole(smollm2_path):
+    """The evaluate stage loads its judge on one thread while it loads a variant on another;
+    two concurrent from_pretrained calls once left weights uninitialised (logits of 1e31 or NaN
+    in 2 of 8 loads). Every load here must compute what a load alone does."""
+    import threading
+
+    import torch
+
+    from sit_core.engine.models import load_causal_lm
+
+    ids = torch.tensor([[100, 200, 300, 400, 500]])
+    with torch.inference_mode():
+        alone = load_causal_lm("embedded:smollm2-135m-instruct").model(input_ids=ids).logits
+    results = []
+
+    def load_five() -> None:
+        for _ in range(5):
+            model = load_causal_lm("embedded:smollm2-135m-instruct").model
+            with torch.inference_mode():
+                results.append(model(input_ids=ids).logits)
+
+    threads = [threading.Thread(target=load_five) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 10
+    assert all(torch.allclose(logits, alone, atol=1e-4, rtol=1e-4) for logits in results)
+
+
 CHILD = """
 import sys
 from sit_core.driver import run_stage

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from sit_core.engine.models import load_causal_lm, release
+from sit_core.engine.models import LOADING, load_causal_lm, release
 from sit_core.engine.sampling import Sampling, generate, soft_prompt
 
 
@@ -72,6 +72,12 @@ def load_variants(model: str, adapters: Sequence[str], *, load_in_4bit: bool = F
     """One copy of the base model `model` with every adapter directory in `adapters` on it:
     LoRAs as named adapters of one PeftModel, prompt tunings as soft prompts. Returns the model
     to decode with and LocalEngine's variants."""
+    with LOADING:  # PEFT builds the adapters' layers as from_pretrained does
+        return _load_variants(model, adapters, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+
+
+def _load_variants(model: str, adapters: Sequence[str], *, load_in_4bit: bool,
+                   trust_remote_code: bool) -> tuple[object, dict[str | None, Variant]]:
     base = load_causal_lm(model, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code).model
     variants: dict[str | None, Variant] = {None: Variant()}
     if not adapters:

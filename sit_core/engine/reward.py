@@ -21,7 +21,7 @@ import torch
 
 from sit_core.config import SitConfig
 from sit_core.errors import SitError
-from sit_core.engine.models import load_causal_lm, pick_device, release, resolve_model_path
+from sit_core.engine.models import LOADING, load_causal_lm, pick_device, release, resolve_model_path
 from sit_core.engine.sampling import chat_prompt
 
 Pair = tuple[str, str]  # (instruction, response)
@@ -34,8 +34,9 @@ class ClassifierScorer:
         path = resolve_model_path(ref)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            with LOADING:
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    path, dtype=torch.float32, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise SitError(f"could not load the reward model '{ref}': {e}",
                            "point models.reward_model at a sequence-classification reward model (hub id or local "

@@ -114,12 +114,13 @@ def load_lm(model_path: str, adapter: Path | None, batch_size: int, trust_remote
             virtual = num_virtual_tokens(self.model)
             return logits[:, virtual:, :] if virtual and logits.shape[1] == inps.shape[1] + virtual else logits
 
-    from sit_core.engine.models import pack_for_cpu
+    from sit_core.engine.models import LOADING, pack_for_cpu
 
     device, dtype = _device_and_dtype()
-    lm = SitHFLM(pretrained=model_path, peft=str(adapter) if adapter else None,
-                 tokenizer=tokenizer_dir(model_path, adapter), device=device, dtype=dtype, batch_size=batch_size,
-                 trust_remote_code=trust_remote_code)
+    with LOADING:
+        lm = SitHFLM(pretrained=model_path, peft=str(adapter) if adapter else None,
+                     tokenizer=tokenizer_dir(model_path, adapter), device=device, dtype=dtype,
+                     batch_size=batch_size, trust_remote_code=trust_remote_code)
     if device == "cpu":
         if adapter and not num_virtual_tokens(lm.model):
             # In fp32 a merged LoRA computes the same function up to rounding, without the
